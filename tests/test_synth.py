@@ -1,0 +1,167 @@
+"SynthVOC: deterministic per seed, the real VOC/COCO layouts, VOC-style borders, and both failure modes present."
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from getam.data import COCODataset, load_dataset, read_png, train_transform, collate
+from getam.synth import NUM_SYNTH, SYNTH_CLASSES, main, make_synthvoc, synth_sample
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthvoc(tmp_path_factory.mktemp("s") / "synth", seed=3, n_train=24, n_val=8)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = _files(make_synthvoc(tmp_path / "a", seed=5, n_train=4, n_val=2))
+    b = _files(make_synthvoc(tmp_path / "b", seed=5, n_train=4, n_val=2))
+    c = _files(make_synthvoc(tmp_path / "c", seed=6, n_train=4, n_val=2))
+    assert a == b
+    assert a.keys() == c.keys()
+    differ = [k for k in a if k.startswith("JPEGImages") and a[k] != c[k]]
+    assert len(differ) == 6
+
+
+def test_an_image_does_not_depend_on_how_many_are_made(tmp_path):
+    small = make_synthvoc(tmp_path / "a", seed=1, n_train=2, n_val=1)
+    big = make_synthvoc(tmp_path / "b", seed=1, n_train=5, n_val=3)
+    for name in ["train_000000", "train_000001", "val_000000"]:
+        assert (small / "JPEGImages" / f"{name}.jpg").read_bytes() == (big / "JPEGImages" / f"{name}.jpg").read_bytes()
+    assert not np.array_equal(synth_sample(1, "train", 0)["image"], synth_sample(1, "val", 0)["image"])
+
+
+def test_voc_layout(synth):
+    seg = synth / "ImageSets" / "Segmentation"
+    train = seg.joinpath("train.txt").read_text().split()
+    assert train == [f"train_{i:06d}" for i in range(24)] and seg.joinpath("train_aug.txt").read_text().split() == train
+    assert seg.joinpath("val.txt").read_text().split() == [f"val_{i:06d}" for i in range(8)]
+    for d, ext in [("JPEGImages", "jpg"), ("SegmentationClassAug", "png"), ("SegmentationClass", "png"),
+                   ("SegmentationObject", "png"), ("SegmentationPart", "png"), ("SaliencyMaps", "png")]:
+        assert len(list((synth / d).glob(f"*.{ext}"))) == 32, d
+    from PIL import Image
+    assert Image.open(synth / "SegmentationClass" / "train_000000.png").mode == "P"
+    assert Image.open(synth / "SegmentationClassAug" / "train_000000.png").mode == "L"
+    labels = np.load(synth / "cls_labels.npy", allow_pickle=True).item()
+    assert len(labels) == 32 and all(v.dtype == np.float32 and v.shape == (NUM_SYNTH,) for v in labels.values())
+    meta = json.loads((synth / "synthvoc.json").read_text())
+    assert meta["seed"] == 3 and meta["class_names"] == SYNTH_CLASSES and len(meta["objects"]) == 32
+
+
+def test_labels_masks_parts_and_borders_agree(synth):
+    labels = np.load(synth / "cls_labels.npy", allow_pickle=True).item()
+    for name, lab in labels.items():
+        m = read_png(synth / "SegmentationClassAug" / f"{name}.png")
+        obj = read_png(synth / "SegmentationObject" / f"{name}.png")
+        part = read_png(synth / "SegmentationPart" / f"{name}.png")
+        present = sorted(set(np.unique(m).tolist()) - {0, 255})
+        assert present == (np.nonzero(lab)[0] + 1).tolist(), name
+        assert 1 <= len(set(np.unique(obj).tolist()) - {0, 255}) <= 3
+        assert ((m == 255) == (obj == 255)).all()
+        # parts lie on the objects of their own class
+        on = part > 0
+        assert ((m[on] == part[on]) | (m[on] == 255)).all()
+        # the border is thin and just inside the objects: every 255 pixel touches another instance or background,
+        # and no foreground pixel that is not 255 touches a different instance or background
+        p = np.pad(obj, 1, mode="edge")
+        nb = np.stack([p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        interior = (obj != 255) & (obj != 0)
+        assert not (interior & (nb == 0).any(0)).any(), name
+        assert (nb[:, obj == 255] == 0).any(0).mean() > 0.5
+
+
+def test_sample_matches_files_and_the_loader(synth):
+    ds = load_dataset("synth", synth, "val", saliency_root=synth / "SaliencyMaps")
+    assert ds.class_names == SYNTH_CLASSES and ds.num_classes == 6 and len(ds) == 8
+    it, s = ds[5], synth_sample(3, "val", 5)
+    assert it["name"] == "val_000005"
+    assert torch.equal(it["mask"], torch.from_numpy(s["mask"].astype(np.int64)))
+    assert torch.equal(it["saliency"], torch.from_numpy((s["saliency"] > 0).astype(np.int64)))
+    assert it["label"].tolist() == s["label"].tolist()
+    assert (it["image"].permute(1, 2, 0).float() - torch.from_numpy(s["image"]).float()).abs().mean() < 4  # JPEG q95 4:4:4 smooths the N(0, 5²) pixel noise
+    dl = torch.utils.data.DataLoader(load_dataset("synth", synth, "train", transform=train_transform(64)), batch_size=4, collate_fn=collate)
+    b = next(iter(dl))
+    assert b["image"].shape == (4, 3, 64, 64) and b["mask"].shape == (4, 64, 64) and b["label"].shape == (4, 6)
+
+
+def test_failure_modes_are_present():
+    "Partial activation needs small parts; non-salient objects need misses that grow with smallness and distance from centre."
+    rec, area, dist, frac = [], [], [], []
+    for i in range(150):
+        s = synth_sample(0, "train", i)
+        for o in s["info"]:
+            m = s["instances"] == o["instance"]
+            rec.append((s["saliency"][m] > 0).mean()); area.append(o["area"]); dist.append(o["centre_dist"])
+            frac.append((s["part"][m] > 0).mean())
+    rec, area, dist, frac = map(np.array, (rec, area, dist, frac))
+    missed = rec < 0.5
+    assert 0.15 < missed.mean() < 0.6
+    assert missed[area < np.median(area)].mean() > missed[area >= np.median(area)].mean() + 0.1
+    assert missed[dist > np.median(dist)].mean() > missed[dist <= np.median(dist)].mean() + 0.1
+    assert 0.03 < np.median(frac) < 0.2 and (frac > 0).mean() > 0.97
+
+
+def test_every_class_and_object_count_occurs():
+    seen, counts = set(), set()
+    for i in range(60):
+        s = synth_sample(2, "train", i)
+        seen |= {o["cls"] for o in s["info"]}; counts.add(len(s["info"]))
+    assert seen == set(range(1, 7)) and counts == {1, 2, 3}
+
+
+def test_coco_format_through_the_cli(tmp_path, capsys):
+    main(["--out", str(tmp_path / "c"), "--format", "coco", "--seed", "3", "--n-train", "5", "--n-val", "2", "--quiet"])
+    assert "5 train + 2 val" in capsys.readouterr().out
+    r = tmp_path / "c"
+    js = json.loads((r / "annotations" / "instances_train.json").read_text())
+    assert [c["id"] for c in js["categories"]] == [1, 2, 3, 4, 5, 6] and len(js["images"]) == 5
+    ds = COCODataset(r, "train", saliency_root=r / "SaliencyMaps", root_key="synth_root")
+    assert ds.class_names == SYNTH_CLASSES and len(ds) == 5
+    for k in range(5):
+        it, s = ds[k], synth_sample(3, "train", k)
+        assert it["label"].tolist() == s["label"].tolist()
+        assert torch.equal(it["mask"], torch.from_numpy(np.where(s["mask"] == 255, s["instances"] * 0 + _cls(s), s["mask"]).astype(np.int64)))
+        assert torch.equal(it["saliency"], torch.from_numpy((s["saliency"] > 0).astype(np.int64)))
+
+
+def _cls(s):
+    "Class of each instance pixel (borders included), from the per-object info."
+    out = np.zeros_like(s["instances"])
+    for o in s["info"]: out[s["instances"] == o["instance"]] = o["cls"]
+    return out
+
+
+def test_cli_voc_and_bad_arguments(tmp_path, capsys):
+    main(["--out", str(tmp_path / "v"), "--n-train", "2", "--n-val", "1", "--size", "64", "--quiet"])
+    assert read_png(tmp_path / "v" / "SegmentationClassAug" / "train_000001.png").shape == (64, 64)
+    with pytest.raises(ValueError, match="unknown format 'yolo'; valid: voc, coco"): make_synthvoc(tmp_path / "x", fmt="yolo")
+    with pytest.raises(ValueError, match="size=8: expected at least 32"): make_synthvoc(tmp_path / "x", size=8)
+    with pytest.raises(SystemExit): main(["--format", "yolo"])
+
+
+def test_ensure_synthvoc_reuses_only_identical_settings(tmp_path):
+    from getam.synth import ensure_synthvoc
+    r = ensure_synthvoc(tmp_path / "s", seed=2, n_train=3, n_val=1)
+    before = (r / "JPEGImages" / "train_000000.jpg").stat().st_mtime_ns
+    assert ensure_synthvoc(r, seed=2, n_train=3, n_val=1) == r
+    assert (r / "JPEGImages" / "train_000000.jpg").stat().st_mtime_ns == before
+    ensure_synthvoc(r, seed=4, n_train=3, n_val=1)
+    assert json.loads((r / "synthvoc.json").read_text())["seed"] == 4
+    assert (r / "JPEGImages" / "train_000000.jpg").read_bytes() == _files(make_synthvoc(tmp_path / "t", seed=4, n_train=1, n_val=0))["JPEGImages/train_000000.jpg"]
+
+
+@pytest.mark.slow
+def test_plain_cam_covers_mainly_the_discriminative_part():
+    "Failure mode 1, measured: a CAM classifier that classifies well activates on the small marker, not on the body."
+    from getam.synth import cam_part_coverage, train_cam_classifier
+    net = train_cam_classifier(seed=1, n_train=512, steps=300)
+    r = cam_part_coverage(net, seed=1, n_val=120)
+    assert r["class_accuracy"] > 0.85  # all-negative guessing scores ~0.72
+    for t, c in r["coverage"].items():
+        assert c["part"] > 2.5 * c["rest"], (t, c)
