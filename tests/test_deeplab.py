@@ -1,0 +1,179 @@
+"Tests of getam.deeplab (DeepLab v2 on pseudo labels) and of the papermill notebook nbs/multistage.ipynb."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from getam.deeplab import (ASPP, DeepLabV2, PseudoLabelDataset, checkpoint_config, dilated_resnet, load_deeplab,
+                           make_optimizer, poly_lr, save_deeplab, train_deeplab, train_step)
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048)])
+def test_output_stride_8_and_shapes(name, channels):
+    torch.manual_seed(0)
+    net = DeepLabV2(21, name).eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert net.features(x).shape == (1, channels, 5, 7)       # stride 8, not 32
+        assert net.forward_os8(x).shape == (1, 21, 5, 7)
+        assert net(x).shape == (1, 21, 40, 56)                    # logits at the input resolution
+
+
+def test_dilated_basic_blocks_match_the_bottleneck_recipe():
+    r18 = dilated_resnet("resnet18")
+    assert [b.conv1.dilation for b in r18.layer3] == [(1, 1), (2, 2)]
+    assert [b.conv2.dilation for b in r18.layer4] == [(4, 4), (4, 4)]
+    assert r18.layer3[0].downsample[0].stride == (1, 1) and r18.layer4[0].conv1.stride == (1, 1)
+    r101 = dilated_resnet("resnet101")
+    assert r101.layer4[-1].conv2.dilation == (4, 4)
+    with pytest.raises(ValueError, match="resnet18"):
+        dilated_resnet("vgg16")
+
+
+def test_aspp_sums_four_dilated_branches():
+    torch.manual_seed(0)
+    head = ASPP(8, 3)
+    assert [b.dilation for b in head.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    x = torch.randn(1, 8, 30, 30)
+    ref = sum(torch.nn.functional.conv2d(x, b.weight, b.bias, padding=r, dilation=r) for b, r in zip(head.branches, (6, 12, 18, 24)))
+    assert torch.allclose(head(x), ref, atol=1e-6)
+
+
+def test_one_training_step_reduces_loss_and_changes_weights():
+    torch.manual_seed(0)
+    net = DeepLabV2(3, "resnet18")
+    img = torch.randn(2, 3, 48, 48)
+    msk = (img[:, 0] > 0).long()
+    msk[:, :4] = 255
+    opt = make_optimizer(net, 1e-3)
+    w_head, w_bb = net.head.branches[0].weight.detach().clone(), net.backbone.conv1.weight.detach().clone()
+    l0 = train_step(net, opt, img, msk)
+    l1 = train_step(net, opt, img, msk)
+    assert l1 < l0
+    assert not torch.equal(w_head, net.head.branches[0].weight) and not torch.equal(w_bb, net.backbone.conv1.weight)
+    # 255 is ignored: changing ignored pixels' labels cannot change the loss
+    net.eval()
+    with torch.no_grad():
+        out = net(img)
+        msk2 = msk.clone()
+        msk2[:, :4] = 0
+        l_ign = torch.nn.functional.cross_entropy(out, msk, ignore_index=255)
+        l_ref = torch.nn.functional.cross_entropy(out[..., 4:, :], msk[:, 4:], ignore_index=255)
+        assert torch.allclose(l_ign, l_ref)
+
+
+def test_head_gets_ten_times_the_lr_with_poly_decay():
+    net = DeepLabV2(3, "resnet18")
+    opt = make_optimizer(net, 2.5e-4)
+    assert [g["lr"] for g in opt.param_groups] == [2.5e-4, 2.5e-3]
+    assert poly_lr(opt, 0, 100) == 2.5e-4
+    poly_lr(opt, 75, 100)
+    assert opt.param_groups[1]["lr"] == pytest.approx(2.5e-3 * 0.25 ** 0.9)
+    assert poly_lr(opt, 100, 100) == 0.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_local_weights_freeze_bn(tmp_path):
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18().state_dict()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "r18.safetensors"))
+    net = DeepLabV2(3, "resnet18", weights=tmp_path / "r18.safetensors")
+    assert torch.equal(net.backbone.conv1.weight, sd["conv1.weight"])
+    bn_before = net.backbone.bn1.running_mean.clone(), net.backbone.bn1.weight.detach().clone()
+    opt = make_optimizer(net, 1e-3)
+    train_step(net, opt, torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long))
+    assert torch.equal(net.backbone.bn1.running_mean, bn_before[0]) and torch.equal(net.backbone.bn1.weight, bn_before[1])
+    with pytest.raises(FileNotFoundError, match="weights_dir"):
+        DeepLabV2(3, "resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="r18.safetensors"):
+        DeepLabV2(3, "resnet50", weights=tmp_path / "r18.safetensors")
+
+
+def test_checkpoint_round_trip_is_atomic(tmp_path):
+    torch.manual_seed(0)
+    net = DeepLabV2(4, "resnet18").eval()
+    p = save_deeplab(net, tmp_path / "run", epoch=3)
+    assert p == tmp_path / "run" / "model.safetensors"
+    assert sorted(x.name for x in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors"]  # no temp files
+    assert checkpoint_config(p)["epoch"] == 3 and checkpoint_config(tmp_path / "nothing") == {}
+    net2, cfg = load_deeplab(tmp_path / "run")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net2(x), atol=1e-6)
+    assert cfg["backbone"] == "resnet18" and cfg["num_classes"] == 4
+
+
+def test_pseudo_label_dataset(tmp_path):
+    from getam.data import write_palette_png, write_png
+    torch.manual_seed(0)
+    base = [dict(image=torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8), name="a"),
+            dict(image=torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8), name="b")]
+    lab = np.zeros((30, 40), np.uint8)
+    lab[:, 20:] = 2
+    lab[0] = 255
+    write_palette_png(tmp_path / "a.png", lab)
+    write_png(tmp_path / "b.png", lab)
+    ds = PseudoLabelDataset(base, tmp_path, crop_size=64, scale_range=(1.0, 1.0), flip=False)
+    for i in range(2):
+        it = ds[i]
+        assert it["image"].shape == (3, 64, 64) and it["mask"].shape == (64, 64)
+        assert int((it["mask"] == 255).sum()) == 64 * 64 - 30 * 40 + 40    # padding and the ignore row
+        assert set(it["mask"].unique().tolist()) == {0, 2, 255}
+    with pytest.raises(FileNotFoundError, match="c.png"):
+        PseudoLabelDataset([dict(image=base[0]["image"], name="c")], tmp_path, 64)[0]
+    write_png(tmp_path / "small" / "a.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="image size"):
+        PseudoLabelDataset(base[:1], tmp_path / "small", 64)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    from getam.synth import make_synthvoc
+    return make_synthvoc(tmp_path_factory.mktemp("synth") / "synth", seed=0, n_train=8, n_val=4, size=48)
+
+
+@pytest.mark.slow
+def test_train_deeplab_writes_checkpoint_and_metrics(tiny_synth, tmp_path):
+    res = train_deeplab(tiny_synth / "SegmentationClassAug", "synth", tiny_synth, backbone="resnet18", epochs=2,
+                        batch_size=4, crop_size=48, lr=1e-3, head_mult=1, device="cpu", out_dir=tmp_path,
+                        crf=None, eval_scales=(0.75, 1.0), progress=False)
+    assert res["steps"] == 4 and [r["epoch"] for r in res["log"]] == [1, 2]
+    assert sorted(res["metrics"]) == ["ms_flip", "single_scale"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"]["single_scale"]["miou"] == res["metrics"]["single_scale"]["miou"]
+    model, cfg = load_deeplab(tmp_path)
+    assert cfg["epoch"] == 2 and cfg["step"] == 4
+
+
+@pytest.mark.slow
+def test_multistage_notebook_runs_under_papermill(tiny_synth, tmp_path):
+    pytest.importorskip("papermill")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "papermill", str(ROOT / "nbs" / "multistage.ipynb"), str(tmp_path / "out.ipynb"),
+           "-p", "data_root", str(tiny_synth), "-p", "pseudo_dir", str(tiny_synth / "SegmentationClassAug"),
+           "-p", "epochs", "1", "-p", "batch_size", "4", "-p", "crop_size", "48", "-p", "device", "cpu",
+           "-p", "threads", "1", "-p", "scales", "0.75 1", "-p", "out_dir", str(out), "-k", "python3",
+           "-p", "crf", "released" if _has_crf() else "none"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    want = ["single_scale", "ms_flip"] + (["ms_flip_crf"] if _has_crf() else [])
+    assert list(m) == want and all(0 <= v["miou"] <= 100 for v in m.values())
+    assert (out / "model.safetensors").is_file()
+
+
+def _has_crf():
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        return True
+    except ImportError:
+        return False
