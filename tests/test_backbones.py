@@ -1,0 +1,195 @@
+"Tests of getam.backbones: the paper's timm backbones, offline weights, attention recording that leaves the model untouched."
+import pytest
+import torch
+from torch import nn
+
+from getam.backbones import (ALIASES, create_backbone, default_layers, is_hybrid, load_weights_file, record_attention,
+                             resolve_layers, resolve_name, tiny_backbone, vit_of, weights_candidates)
+
+FAMILIES = ["vit", "deit_distilled", "vit_hybrid"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "Tiny models: one thread is faster than contending for shared cores."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def n_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_aliases_are_the_papers_models():
+    assert {k: resolve_name(k) for k in ALIASES} == {
+        "vit": "vit_base_patch16_384", "vit_hybrid": "vit_base_r50_s16_384",
+        "deit": "deit_base_patch16_384", "deit_distilled": "deit_base_distilled_patch16_384"}
+    with pytest.raises(ValueError, match="vit_hybrid"):
+        resolve_name("vit_hybird")
+
+
+@pytest.mark.parametrize("name,prefix,hybrid", [("vit", 1, False), ("vit_hybrid", 1, True), ("deit", 1, False),
+                                                ("deit_distilled", 2, False)])
+def test_paper_backbones_build_offline_any_size(name, prefix, hybrid):
+    torch.manual_seed(0)
+    m = create_backbone(name, num_classes=5, depth=1).eval()
+    assert m.num_prefix_tokens == prefix and is_hybrid(m) == hybrid
+    assert m.dynamic_img_size
+    with record_attention(m) as rec, torch.no_grad():
+        out = m(torch.randn(1, 3, 64, 96))
+    assert out.shape == (1, 5)
+    assert rec.grid == (4, 6)  # stride 16 for all four
+    assert rec.attn[0].shape == (1, m.blocks[0].attn.num_heads, prefix + 24, prefix + 24)
+
+
+def test_default_layers_last_six_for_hybrid():
+    assert default_layers(tiny_backbone("vit", depth=12)) == list(range(12))
+    assert default_layers(tiny_backbone("deit_distilled", depth=12)) == list(range(12))
+    assert default_layers(tiny_backbone("vit_hybrid", depth=12)) == list(range(6, 12))
+    assert resolve_layers(tiny_backbone("vit", depth=4), [-1, 1, 1]) == [1, 3]
+    with pytest.raises(ValueError, match="0..3"):
+        resolve_layers(tiny_backbone("vit", depth=4), [4])
+
+
+def test_resnet_for_cnn_cam():
+    m = create_backbone("resnet18", num_classes=3).eval()
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        vit_of(m)
+
+
+def test_local_weights_safetensors_and_pth(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    src = create_backbone("vit_tiny_patch16_224", num_classes=5, depth=2)
+    save_file(src.state_dict(), str(tmp_path / "vit_tiny_patch16_224.safetensors"))
+    a = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=5, depth=2, weights_dir=tmp_path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v), k
+    # a wrapped torch checkpoint with DDP prefixes, passed explicitly; the head does not fit 3 classes → new head
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "ck.pth")
+    b = create_backbone("vit_tiny_patch16_224", weights=tmp_path / "ck.pth", num_classes=3, depth=2)
+    assert torch.equal(b.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+    assert b.head.weight.shape == (3, 192)
+    # position embeddings of another size are resampled by timm's filter
+    c = create_backbone("vit_tiny_patch16_224", weights=tmp_path / "ck.pth", num_classes=5, depth=2, img_size=64)
+    assert c.pos_embed.shape == (1, 1 + 16, 192)
+    assert torch.equal(c.pos_embed[:, 0], src.pos_embed[:, 0])
+
+
+def test_missing_weights_error_names_paths_and_key(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        create_backbone("vit_hybrid", pretrained=True, weights_dir=tmp_path, download=False)
+    msg = str(e.value)
+    assert str(tmp_path / "vit_base_r50_s16_384.safetensors") in msg and str(tmp_path / "vit_hybrid.pth") in msg
+    assert "weights_dir" in msg
+    assert weights_candidates("vit", tmp_path)[0] == tmp_path / "vit_base_patch16_384.safetensors"
+    with pytest.raises(FileNotFoundError, match="weights_dir"):
+        load_weights_file(tmp_path / "nope.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        load_weights_file(tmp_path / "list.pth")
+
+
+def test_no_network_without_pretrained(monkeypatch):
+    import timm
+    seen = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: seen.append(k.get("pretrained")) or real(*a, **k))
+    create_backbone("vit_tiny_patch16_224", num_classes=2, depth=1)
+    assert seen == [False]
+
+
+def manual_attention(block, x):
+    "Post-softmax attention of a timm block computed by hand from the block input."
+    a = block.attn
+    B, N, C = x.shape
+    qkv = a.qkv(block.norm1(x)).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+    return ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("size", [(32, 32), (40, 56)])
+def test_record_attention_is_the_attention(kind, size):
+    torch.manual_seed(0)
+    m = tiny_backbone(kind).eval()
+    ins = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: ins.__setitem__(i, a[0])) for i, b in enumerate(m.blocks)]
+    with record_attention(m, layers=[0, 2]) as rec:
+        m(torch.randn(2, 3, *size))
+        assert [b.attn.fused_attn for b in m.blocks] == [False, True, False]  # only recorded blocks unfused
+    for h in hooks:
+        h.remove()
+    p = 2 if kind == "deit_distilled" else 1
+    assert rec.num_prefix_tokens == p
+    assert rec.grid == (size[0] // 8, size[1] // 8)
+    assert len(rec.attn) == 2 and set(rec._attn) == {0, 2}
+    for i, a in zip([0, 2], rec.attn):
+        assert a.requires_grad and a.grad_fn is not None
+        torch.testing.assert_close(a, manual_attention(m.blocks[i], ins[i]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_model_restored_exactly(kind):
+    torch.manual_seed(0)
+    m = tiny_backbone(kind).eval()
+    x = torch.randn(2, 3, 40, 48)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    flags, hooks = [b.attn.fused_attn for b in m.blocks], n_hooks(m)
+    with torch.no_grad():
+        before = m(x)
+    with record_attention(m) as rec:
+        m(x)
+    with pytest.raises(ZeroDivisionError):  # restored on errors too
+        with record_attention(m, [1]):
+            1 / 0
+    assert [b.attn.fused_attn for b in m.blocks] == flags == [True] * 3
+    assert n_hooks(m) == hooks == 0
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(m(x), before)
+    assert len(rec.attn) == 3
+
+
+def test_recorder_keeps_last_forward_and_complains_before_any():
+    m = tiny_backbone().eval()
+    with record_attention(m, [1]) as rec:
+        with pytest.raises(RuntimeError, match="run a forward"):
+            rec.attn
+        m(torch.randn(1, 3, 32, 32))
+        m(torch.randn(1, 3, 48, 32))
+    assert rec.grid == (6, 4) and rec.attn[0].shape[-1] == 1 + 24
+
+
+def test_frozen_model_and_wrapped_backbone():
+    torch.manual_seed(0)
+    vit = tiny_backbone().eval().requires_grad_(False)
+
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__(); self.backbone = vit
+
+        def forward(self, x): return self.backbone(x)
+
+    w = TwoBranch()
+    assert vit_of(w) is vit and vit_of(vit) is vit
+    with record_attention(w) as rec:
+        y = w(torch.randn(1, 3, 32, 32))
+    assert all(a.requires_grad for a in rec.attn)  # a frozen model still gives attention in the graph
+    g = torch.autograd.grad(y[0, 0], rec.attn)
+    assert all(t.shape == a.shape for t, a in zip(g, rec.attn))
+    with record_attention(w) as rec, torch.no_grad():
+        w(torch.randn(1, 3, 32, 32))
+    assert not rec.attn[0].requires_grad
+
+
+def test_unsupported_block_is_named():
+    m = tiny_backbone()
+    m.blocks[1].attn = nn.Identity()
+    with pytest.raises(TypeError, match="block 1"):
+        with record_attention(m):
+            pass
+    assert m.blocks[0].attn.fused_attn  # nothing was changed
