@@ -180,6 +180,10 @@ def running_jupyterlab(tmp_path: Path):
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / ".jcfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / ".jrt"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / ".jws"), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    # in a venv with --system-site-packages the widget lab extension sits under the base prefix, which
+    # Jupyter does not search by itself
+    base = str(Path(sys.base_prefix) / "share" / "jupyter")
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [env.get("JUPYTER_PATH"), base]))
     env.pop("JUPYTER_TOKEN", None)
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.open_browser=False",
