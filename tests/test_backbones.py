@@ -9,15 +9,6 @@ from getam.backbones import (ALIASES, create_backbone, default_layers, is_hybrid
 FAMILIES = ["vit", "deit_distilled", "vit_hybrid"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny models: one thread is faster than contending for shared cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 

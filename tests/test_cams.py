@@ -10,15 +10,6 @@ from getam.cams import (att_gradients, cam_add, cam_ignore, cnn_cam, getam, geta
                         normalize_maps, present_ranks, resize_maps, ts_cam)
 from getam.backbones import record_attention
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny models: one thread is faster than contending for shared cores."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

@@ -1,5 +1,4 @@
 "Settings precedence: parameter > GETAM_* env > nearest settings.ini > ~/.config/getam > defaults."
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ import torchvision
 from getam.deeplab import (ASPP, DeepLabV2, PseudoLabelDataset, checkpoint_config, dilated_resnet, load_deeplab,
                            make_optimizer, poly_lr, save_deeplab, train_deeplab, train_step)
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 

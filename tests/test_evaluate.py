@@ -12,7 +12,6 @@ from PIL import Image
 from getam.evaluate import (SCALES, ConfusionMatrix, _edge_example, crf_batch, dense_crf, evaluate_model, export_voc_test,
                             iou_table, main, metrics, plot_iou, predict, score_folder, score_pseudo_labels, voc_results_dir)
 
-torch.set_num_threads(1)
 try:
     import pydensecrf.densecrf  # noqa: F401
     HAS_CRF = True
