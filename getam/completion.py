@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .utils import time_side_by_side, format_timings
 
 # %% auto #0
-__all__ = ['local_affinity', 'pamr', 'present_classes', 'gather_classes', 'background_channel', 'activation_argmax',
+__all__ = ['local_affinity', 'pamr', 'propagate', 'present_classes', 'gather_classes', 'background_channel', 'activation_argmax',
            'binarize_saliency', 'saliency_mask', 'mining_thresholds', 'mine_high_activation', 'open_foreground',
            'complete_labels', 'normalize_max', 'pseudo_labels', 'attention_saliency', 'crf_labels', 'crf_pseudo_labels',
            'save_pseudo_labels', 'score_pseudo_labels', 'standin_maps', 'benchmark']
@@ -61,7 +61,11 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1
     H, W = image.shape[-2:]
     m = masks.to(image.device).float()
     if m.shape[-2:] != (H, W): m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners)
-    aff = local_affinity(image, dilations)
+    return propagate(local_affinity(image, dilations), m, dilations, iters)
+
+def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10) -> torch.Tensor:
+    "PAMR's iterations: `masks: [B, K, H, W]` ← the `aff: [8*len(dilations), B, H, W]`-weighted sum of their neighbours, `iters` times."
+    m = masks
     for _ in range(iters):
         sh = _shifted(m, dilations)
         out = sh[0] * aff[0, :, None]
@@ -190,7 +194,10 @@ def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
     if maps.shape[-2:] != (H, W): maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
     idx, ok = present_classes(labels.to(image.device))
     m = gather_classes(maps, idx)
-    if refine: m = pamr(image, m, dilations, iters)
+    if refine:  # PAMR on the present (image, class) pairs only: padding slots of images with fewer classes cost nothing
+        b, k = ok.nonzero(as_tuple=True)
+        aff = local_affinity(image, dilations)
+        m = torch.zeros_like(m).index_put_((b, k), propagate(aff[:, b], m[b, k][:, None], dilations, iters)[:, 0])
     m = normalize_max(m.clamp(min=0)) * ok[:, :, None, None]
     full = torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
     if isinstance(saliency, str): kwargs.setdefault("image", image)

@@ -22,18 +22,19 @@ from .config import get_settings, resolve_device
 from .utils import atomic_path, seed_everything, time_side_by_side, format_timings
 from .data import DATASETS, load_dataset, train_transform, eval_transform, collate, write_palette_png, PALETTE, IGNORE_INDEX
 from .backbones import record_attention, tiny_backbone
-from .cams import getam, maps_from_attention, resize_maps, _released_recipe
-from .completion import pseudo_labels
+from .cams import getam, getam_layers, maps_from_attention, resize_maps, _released_recipe
+from .completion import attention_saliency, pseudo_labels
 from .evaluate import ConfusionMatrix
 from .model import GetamSegmenter
 
 # %% auto #0
-__all__ = ['CHOICES', 'PRESETS', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config', 'lr_at', 'phase2_start',
-           'masked_mean', 'seg_loss', 'saliency_loss', 'training_targets', 'step_losses', 'two_forward_losses',
-           'tiny_model', 'tiny_batch', 'dist_info', 'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler',
-           'save_checkpoint', 'load_checkpoint', 'predict', 'evaluate_model', 'make_pseudo_labels',
-           'write_pseudo_labels', 'resolve_paths', 'ensure_synthvoc', 'build_model', 'build_optimizer',
-           'build_datasets', 'train', 'plot_curves', 'toy_items', 'tiny_config', 'benchmark', 'arg_parser', 'main']
+__all__ = ['CHOICES', 'PRESETS', 'ARCH_OVERRIDES', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config', 'lr_at',
+           'phase2_start', 'masked_mean', 'seg_loss', 'saliency_loss', 'training_targets', 'class_token_saliency',
+           'step_losses', 'two_forward_losses', 'tiny_model', 'tiny_batch', 'dist_info', 'DistBatchNorm2d',
+           'sync_batchnorm', 'ResumableSampler', 'save_checkpoint', 'load_checkpoint', 'predict', 'evaluate_model',
+           'make_pseudo_labels', 'write_pseudo_labels', 'resolve_paths', 'ensure_synthvoc', 'build_model',
+           'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'toy_items', 'tiny_config', 'benchmark',
+           'field_docs', 'arg_parser', 'main']
 
 # %% ../nbs/51_train.ipynb #932934e2
 @dataclass
@@ -43,7 +44,8 @@ class TrainConfig:
     dataset: str = "synth"            # synth | voc | coco
     data_root: str | None = None      # None → settings.ini {dataset}_root
     saliency_root: str | None = None  # None → data_root/SaliencyMaps if data_root is given, else settings.ini {dataset}_saliency_root
-    saliency: str = "maps"            # maps: external saliency maps (the paper)
+    saliency: str = "maps"            # maps: external saliency maps (the paper) | attention: threshold A_CLS instead (no detector)
+    attention_threshold: float = 0.3  # saliency="attention": salient where the PAMR-refined, max-normalised A_CLS > this
     train_split: str | None = None    # None → train_aug (voc), train2014 or train (coco), train (synth)
     val_split: str | None = None      # None → val (voc, synth), val2014 or val (coco)
     supervision: str = "pseudo"       # pseudo: GETAM pseudo labels (the method) | gt: ground-truth masks (the oracle)
@@ -55,6 +57,8 @@ class TrainConfig:
     weights: str | None = None        # explicit weights file for the backbone
     patch_size: int | None = None     # override the backbone's patch size (training from scratch only)
     depth: int | None = None          # override the number of transformer blocks (from scratch only)
+    embed_dim: int | None = None      # override the token width (from scratch only)
+    num_heads: int | None = None      # override the number of attention heads (from scratch only)
     features: int | None = None       # decoder width (None: 256 for ViT-B, smaller for small ViTs)
     head_stride: int = 2              # decoder head at stride 2 (DPT) or 4 (cheaper)
     cls_head: str = "token"           # token (class token, timm head) | pooled (mean of patch tokens, released)
@@ -101,25 +105,32 @@ class TrainConfig:
     write_pseudo: bool = True         # write pseudo labels of the training set (palette PNGs) and score them
     progress: bool = True             # fastprogress bars
     plots: bool = True                # loss / mIoU curves (seaborn) into out_dir/curves.png
-    preset: str | None = None         # None | released
+    preset: str | None = None         # None | released | synth
 
 # %% ../nbs/51_train.ipynb #b259faec
-CHOICES = dict(dataset=DATASETS, saliency=("maps",), supervision=("pseudo", "gt"), cls_head=("token", "pooled"),
+CHOICES = dict(dataset=DATASETS, saliency=("maps", "attention"), supervision=("pseudo", "gt"), cls_head=("token", "pooled"),
                optimizer=("sgd", "adamw"), seg_loss=("ce", "split"), fusion=("sum", "product", "matmul"),
-               amp=("none", "bf16", "fp16"), preset=(None, "released"))
+               amp=("none", "bf16", "fp16"), preset=(None, "released", "synth"))
 
 PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292), lr=0.04, epochs=20, cls_only_frac=0.5,
                             momentum=0.9, weight_decay=5e-4, poly_power=0.9, phase2_lr_scale=0.1, seg_loss="split",
-                            cls_head="pooled", gamma=32.0, alpha=0.9, use_pamr=True, optimizer="sgd", warmup_steps=0)}
+                            cls_head="pooled", gamma=32.0, alpha=0.9, use_pamr=True, optimizer="sgd", warmup_steps=0),
+           "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2, head_stride=4,
+                         crop_size=128, batch_size=16, epochs=60, cls_only_frac=0.75, optimizer="adamw", lr=1e-3,
+                         weight_decay=0.05, warmup_steps=100, phase2_lr_scale=0.1, decoder_lr_mult=10.0)}
+ARCH_OVERRIDES = ("patch_size", "depth", "embed_dim", "num_heads")
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
-    "A checked `TrainConfig`: defaults, then the `preset`, then every keyword that differs from its default."
+    """A checked `TrainConfig`: the defaults, then the `preset`, then every keyword that is not None (None = keep the
+    preset's value or the default). With pretrained weights, the preset's architecture overrides are dropped."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if bad := sorted(set(kw) - names): raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
-    if preset not in CHOICES["preset"]: raise ValueError(f"preset={preset!r}; valid: None, released")
-    default = TrainConfig()
-    vals = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in kw.items() if v != getattr(default, k)}}
-    if preset == "released" and kw.get("dataset") == "coco" and "alpha" not in kw: vals["alpha"] = 0.95
+    if preset not in CHOICES["preset"]: raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
+    given = {k: v for k, v in kw.items() if v is not None}
+    base = dict(PRESETS[preset]) if preset else {}
+    if given.get("pretrained") or given.get("weights"): base = {k: v for k, v in base.items() if k not in ARCH_OVERRIDES}
+    vals = {**base, **given}
+    if preset == "released" and given.get("dataset") == "coco" and "alpha" not in given: vals["alpha"] = 0.95
     cfg = TrainConfig(**vals, preset=preset)
     check_config(cfg)
     return cfg
@@ -132,6 +143,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1: raise ValueError(f"{k}={getattr(cfg, k)!r}: expected a positive integer")
     if not 0 <= cfg.cls_only_frac < 1: raise ValueError(f"cls_only_frac={cfg.cls_only_frac}: expected 0 <= value < 1")
     if not cfg.lr > 0: raise ValueError(f"lr={cfg.lr}: expected a positive number")
+    if cfg.saliency == "attention" and cfg.saliency_weight:
+        raise ValueError(f"saliency_weight={cfg.saliency_weight} needs saliency='maps': the saliency loss has no target without a saliency detector")
     if cfg.amp == "fp16" and not str(cfg.device).startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
         raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16'")
     from getam.backbones import resolve_name
@@ -187,6 +200,17 @@ def training_targets(maps: torch.Tensor, images: torch.Tensor, labels: torch.Ten
 # %% ../nbs/51_train.ipynb #d92ea55d
 def _unwrap(model: nn.Module) -> nn.Module: return model.module if hasattr(model, "module") else model
 
+def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_prefix_tokens: int, image: torch.Tensor,
+                         threshold: float = 0.3) -> torch.Tensor:
+    "Saliency `[B, H, W]` in {0, 1} without a detector: A_CLS (the [class] row, mean over heads and the recorded blocks) → `attention_saliency`."
+    a = torch.stack([t.detach()[:, :, 0, num_prefix_tokens:].float().mean(1) for t in attn]).mean(0)
+    return attention_saliency(a.view(-1, *grid), image, threshold)
+
+def _saliency(batch: dict, rec, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    "The saliency of a batch: the external maps (`saliency='maps'`) or the recorded attention's (`'attention'`)."
+    if cfg.saliency == "maps": return batch["saliency"]
+    return class_token_saliency(rec.attn, rec.grid, rec.num_prefix_tokens, x, cfg.attention_threshold)
+
 def step_losses(model: nn.Module, batch: dict, cfg: TrainConfig, phase: int, autocast=None) -> dict[str, torch.Tensor]:
     "Forward (+ GETAM pseudo labels in phase 2) and the losses of one batch; `loss` is what to back-propagate."
     x, y = batch["image"], batch["label"]
@@ -208,7 +232,7 @@ def step_losses(model: nn.Module, batch: dict, cfg: TrainConfig, phase: int, aut
                 with ac: cls, seg = model(x, with_seg=True)
         finally: hook.remove()
         maps = maps_from_attention(raw[0][0], rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=cfg.fusion, retain_graph=True)
-        target = training_targets(maps, x, y, batch["saliency"], cfg.gamma, cfg.alpha, cfg.use_pamr)
+        target = training_targets(maps, x, y, _saliency(batch, rec, x, cfg), cfg.gamma, cfg.alpha, cfg.use_pamr)
     out["cls_loss"] = F.multilabel_soft_margin_loss(cls.float(), y)
     out["seg_loss"] = seg_loss(seg, target, cfg.seg_loss)
     out["loss"] = cfg.cls_weight * out["cls_loss"] + cfg.seg_weight * out["seg_loss"]
@@ -225,7 +249,7 @@ def two_forward_losses(model: nn.Module, batch: dict, cfg: TrainConfig) -> dict[
     with record_attention(_unwrap(model), cfg.layers) as rec:
         cls, _ = model(x, with_seg=True)
     maps = maps_from_attention(cls, rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=cfg.fusion, retain_graph=False)
-    target = training_targets(maps, x, y, batch["saliency"], cfg.gamma, cfg.alpha, cfg.use_pamr)
+    target = training_targets(maps, x, y, _saliency(batch, rec, x, cfg), cfg.gamma, cfg.alpha, cfg.use_pamr)
     cls, seg = model(x, with_seg=True)
     out = dict(cls_loss=F.multilabel_soft_margin_loss(cls, y), seg_loss=seg_loss(seg, target, cfg.seg_loss), pseudo=target)
     out["loss"] = cfg.cls_weight * out["cls_loss"] + cfg.seg_weight * out["seg_loss"]
@@ -355,13 +379,15 @@ def evaluate_model(model: nn.Module, ds: Dataset, device="cpu", limit: int | Non
     m.train(was)
     return cm
 
-def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tensor, saliency: torch.Tensor,
+def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tensor, saliency: torch.Tensor | None,
                        cfg: TrainConfig) -> torch.Tensor:
-    "Full-resolution pseudo labels of one batch from a trained model: [B, 3, H, W] → [B, H, W]."
+    "Full-resolution pseudo labels of one batch from a trained model: [B, 3, H, W] → [B, H, W] (`saliency` None with `saliency='attention'`)."
     m = _unwrap(model); H, W = image.shape[-2:]
     x = _pad_to(image, _patch(m))
-    with torch.enable_grad(): maps = getam(m, x, label, layers=cfg.layers, fusion=cfg.fusion)
-    maps = resize_maps(maps.float(), x.shape[-2:])[..., :H, :W]  # crop the padding off before PAMR
+    with torch.enable_grad(): res = getam_layers(m, x, label, layers=cfg.layers, fusion=cfg.fusion)
+    maps = resize_maps(res.maps, x.shape[-2:])[..., :H, :W]  # crop the padding off before PAMR
+    if cfg.saliency == "attention":
+        saliency = attention_saliency(resize_maps(res.a_cls.mean(0)[:, None], x.shape[-2:])[:, 0, :H, :W], image, cfg.attention_threshold)
     return training_targets(maps, image, label, saliency, cfg.gamma, cfg.alpha, cfg.use_pamr)
 
 def write_pseudo_labels(model: nn.Module, ds: Dataset, out_dir: str | Path, cfg: TrainConfig, device="cpu",
@@ -375,8 +401,10 @@ def write_pseudo_labels(model: nn.Module, ds: Dataset, out_dir: str | Path, cfg:
         idx = progress_bar(idx, leave=False)
     for i in idx:
         it = ds[i]
-        if "saliency" not in it: raise ValueError(f"item {it.get('name', i)} has no saliency map; pass saliency_root (settings.ini key {cfg.dataset}_saliency_root)")
-        pl = make_pseudo_labels(m, it["image"][None].to(device), it["label"][None].to(device), it["saliency"][None].to(device), cfg)[0].cpu()
+        if cfg.saliency == "maps" and "saliency" not in it:
+            raise ValueError(f"item {it.get('name', i)} has no saliency map; pass saliency_root (settings.ini key {cfg.dataset}_saliency_root) or saliency='attention'")
+        sal = it["saliency"][None].to(device) if cfg.saliency == "maps" else None
+        pl = make_pseudo_labels(m, it["image"][None].to(device), it["label"][None].to(device), sal, cfg)[0].cpu()
         write_palette_png(out_dir / f"{it['name']}.png", pl.numpy().astype(np.uint8), PALETTE)
         if "mask" in it: cm.update(pl, it["mask"])
     m.train(was)
@@ -402,9 +430,9 @@ def ensure_synthvoc(root: Path, seed: int = 0, **kw) -> Path:
     return make_synthvoc(root, seed=seed, **kw)
 
 def build_model(cfg: TrainConfig, num_classes: int) -> GetamSegmenter:
-    "The two-branch model of a config (backbone from getam.backbones; `patch_size`/`depth` overrides from scratch)."
-    kw = {k: v for k, v in dict(patch_size=cfg.patch_size, depth=cfg.depth).items() if v is not None}
-    if kw and (cfg.pretrained or cfg.weights): raise ValueError(f"patch_size/depth overrides {kw} only work from scratch (pretrained=False, weights=None)")
+    "The two-branch model of a config (backbone from getam.backbones; `patch_size`/`depth`/`embed_dim`/`num_heads` overrides from scratch)."
+    kw = {k: v for k, v in dict(patch_size=cfg.patch_size, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items() if v is not None}
+    if kw and (cfg.pretrained or cfg.weights): raise ValueError(f"architecture overrides {kw} only work from scratch (pretrained=False, weights=None)")
     if cfg.drop_path: kw["drop_path_rate"] = cfg.drop_path
     return GetamSegmenter(cfg.backbone, num_classes=num_classes, img_size=cfg.crop_size, features=cfg.features,
                           cls_head=cfg.cls_head, pretrained=cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
@@ -419,12 +447,12 @@ def build_optimizer(model: GetamSegmenter, cfg: TrainConfig) -> torch.optim.Opti
 
 def build_datasets(cfg: TrainConfig, paths: dict, mean, std) -> tuple[Dataset, Dataset, Dataset]:
     "(train with augmentation, train at full size for pseudo labels, val) datasets."
-    sal = paths["saliency_root"] if cfg.supervision == "pseudo" or cfg.saliency_weight else None
+    sal = paths["saliency_root"] if (cfg.supervision == "pseudo" and cfg.saliency == "maps") or cfg.saliency_weight else None
     tt = train_transform(cfg.crop_size, tuple(cfg.resize_range) if cfg.resize_range else None, mean=mean, std=std) if cfg.augment \
         else eval_transform(crop_size=cfg.crop_size, mean=mean, std=std)
     ld = lambda split, sal, t: load_dataset(cfg.dataset, paths["root"], split, saliency_root=sal, transform=t)
     train = ld(paths["train_split"], sal, tt)
-    full = ld(paths["train_split"], paths["saliency_root"], eval_transform(mean=mean, std=std)) if cfg.write_pseudo and cfg.supervision == "pseudo" else None
+    full = ld(paths["train_split"], paths["saliency_root"] if cfg.saliency == "maps" else None, eval_transform(mean=mean, std=std)) if cfg.write_pseudo and cfg.supervision == "pseudo" else None
     val = ld(paths["val_split"], None, eval_transform(mean=mean, std=std))
     if cfg.limit_train: train = torch.utils.data.Subset(train, range(min(cfg.limit_train, len(train))))
     return train, full, val
@@ -676,15 +704,24 @@ def benchmark(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", size: in
     return t
 
 # %% ../nbs/51_train.ipynb #2e29a309
+def field_docs() -> dict[str, str]:
+    "The comment beside each `TrainConfig` field in its source (the exported module's when run inside a notebook)."
+    import importlib, inspect, re
+    try: src = inspect.getsource(importlib.import_module("getam.train").TrainConfig)
+    except (OSError, TypeError, ImportError): return {}
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M))
+
 def arg_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (only options given on the command line are set)."
-    p = argparse.ArgumentParser(prog="python -m getam.train", description="GETAM single-stage training (also under torchrun)",
+    p = argparse.ArgumentParser(prog="python -m getam.train", description="GETAM single-stage training (also under torchrun). "
+                                "Options not given come from --preset (released | synth), else from the defaults shown.",
                                 argument_default=argparse.SUPPRESS)
+    docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
-        opt = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool): p.add_argument(opt, action=argparse.BooleanOptionalAction, help=f"(default {f.default})")
-        elif f.name in ("layers", "resize_range"): p.add_argument(opt, nargs="+", type=int, help=f"(default {f.default})")
-        else: p.add_argument(opt, type=_parse_value, help=f"(default {f.default})")
+        opt, h = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
+        if isinstance(f.default, bool): p.add_argument(opt, action=argparse.BooleanOptionalAction, help=h)
+        elif f.name in ("layers", "resize_range"): p.add_argument(opt, nargs="+", type=int, help=h)
+        else: p.add_argument(opt, type=_parse_value, help=h)
     return p
 
 def main(argv: list[str] | None = None) -> dict:

@@ -308,3 +308,19 @@ def test_synthvoc_stages(tmp_path):
     assert torch.equal(labels, naive_complete(maps, lab, sal))
     cm = ConfusionMatrix(ds.num_classes + 1).update(labels, gt)
     assert cm.miou() > 0.3
+
+
+def test_pseudo_labels_refine_only_the_present_pairs():
+    "PAMR on the packed (image, class) pairs equals PAMR on the padded [B, K] slots, bitwise; an image with no class costs nothing."
+    from getam.completion import normalize_max, gather_classes
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(3, 3, 20, 24, generator=g)
+    raw = torch.rand(3, 4, 5, 6, generator=g)
+    lab = torch.tensor([[1., 1., 0., 1.], [0., 0., 1., 0.], [0., 0., 0., 0.]])  # K = 3, 1, 0
+    sal = (torch.rand(3, 20, 24, generator=g) > 0.5).long()
+    idx, ok = present_classes(lab)
+    up = torch.nn.functional.interpolate(raw * (lab[:, :, None, None] > 0), size=(20, 24), mode="bilinear", align_corners=False)
+    ref = normalize_max(pamr(image, gather_classes(up, idx)).clamp(min=0)) * ok[:, :, None, None]
+    maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
+    assert torch.equal(pseudo_labels(image, raw, lab, sal), complete_labels(maps, lab, sal))
+    assert torch.equal(pseudo_labels(image[2:], raw[2:], lab[2:], sal[2:]), sal[2:] * 255)  # Eq. 4: salient, no class -> ignore

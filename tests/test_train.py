@@ -48,6 +48,26 @@ def test_single_forward_equals_two_forward_gradients():
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_class_token_saliency_is_the_mean_class_row_through_attention_saliency():
+    from getam.completion import attention_saliency
+    from getam.train import class_token_saliency
+    g = torch.Generator().manual_seed(0)
+    attn = [torch.rand(2, 2, 5, 5, generator=g) for _ in range(3)]  # 3 blocks, batch 2, 2 heads, [class] + 2x2 patches
+    image = torch.randn(2, 3, 8, 8, generator=g)
+    a_cls = sum(a[:, 0, 0, 1:] + a[:, 1, 0, 1:] for a in attn) / 6  # mean over heads and blocks of row 0, patch columns
+    expected = attention_saliency(a_cls.view(2, 2, 2), image, 0.3)
+    assert torch.equal(class_token_saliency(attn, (2, 2), 1, image, 0.3), expected)
+    assert not torch.equal(class_token_saliency(attn, (2, 2), 1, image, 0.9), expected)  # the threshold is used
+
+
+def test_attention_saliency_mode_reads_no_saliency_maps():
+    torch.manual_seed(0)
+    batch = tiny_batch(); del batch["saliency"]
+    out = step_losses(tiny_model(), batch, TrainConfig(saliency="attention"), phase=2)
+    assert torch.isfinite(out["loss"]) and out["pseudo"].shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="needs saliency='maps'"): make_config(saliency="attention", saliency_weight=1.0)
+
+
 def test_poly_schedule_and_phase2_scale():
     c = TrainConfig(lr=0.04, phase2_lr_scale=0.1, cls_only_frac=0.5)
     assert lr_at(0, 100, c) == pytest.approx(0.04)
@@ -105,7 +125,7 @@ def test_amp_bf16_on_cpu_runs(tmp_path):
     (dict(epochs=0), "epochs=0: expected a positive integer"),
     (dict(backbone="vit_gigantic"), "not a timm model"),
     (dict(epoch=3), "unknown parameter(s) ['epoch']"),
-    (dict(preset="paper"), "valid: None, released"),
+    (dict(preset="paper"), "valid: None, released, synth"),
 ])
 def test_bad_parameters_fail_with_clear_messages(kw, msg):
     with pytest.raises(ValueError) as e: make_config(**kw)
@@ -118,6 +138,7 @@ def test_cli_parses_config_fields():
     c = make_config(**a)
     assert (c.batch_size, c.crop_size, c.lr, c.epochs) == (4, 256, 0.01, 3)
     with pytest.raises(SystemExit): arg_parser().parse_args(["--no-such-flag", "1"])
+    assert "high-activation quantile (Eq. 5); COCO 0.95 (default 0.9)" in " ".join(arg_parser().format_help().split())
 
 
 def test_missing_data_names_path_and_settings_key(tmp_path):
@@ -185,3 +206,23 @@ def test_coco_format_end_to_end(tiny_synth, tmp_path):
     m = r["metrics"]
     assert m["dataset"] == "coco" and m["n_train"] == 8 and m["n_val"] == 4 and 0 <= m["val_miou"] <= 1
     assert len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8
+
+
+@pytest.mark.slow
+def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_path):
+    voc, _ = tiny_synth
+    r = train(make_config(data_root=str(voc), saliency="attention", saliency_root=str(tmp_path / "no-such-dir"),
+                          out_dir=str(tmp_path / "run"), **TINY))
+    assert 0 <= r["metrics"]["pseudo_miou"] <= 1 and len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8
+
+
+def test_train_notebook_documents_the_synth_preset():
+    "Every value of the synth preset is shown in brackets in the parameters cell of nbs/train.ipynb, and equals it."
+    import ast, re
+    from getam.train import PRESETS
+    nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    shown = {m[1]: m[2] for m in re.finditer(r"^(\w+) = None\s+#.*\[([^\]]+)\]$", "".join(cell["source"]), re.M)}
+    assert set(shown) == set(PRESETS["synth"])
+    for k, v in shown.items():
+        assert (v if isinstance(PRESETS["synth"][k], str) else ast.literal_eval(v)) == PRESETS["synth"][k], k
