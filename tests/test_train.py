@@ -226,3 +226,13 @@ def test_train_notebook_documents_the_synth_preset():
     assert set(shown) == set(PRESETS["synth"])
     for k, v in shown.items():
         assert (v if isinstance(PRESETS["synth"][k], str) else ast.literal_eval(v)) == PRESETS["synth"][k], k
+
+
+@pytest.mark.slow
+def test_dataloader_workers_give_the_same_run(tiny_synth, tmp_path):
+    "Augmentation is seeded per (seed, epoch, item), so decoding in a worker process changes nothing."
+    voc, _ = tiny_synth
+    kw = dict(data_root=str(voc), write_pseudo=False, plots=False, **TINY)
+    w0 = train(make_config(out_dir=str(tmp_path / "w0"), num_workers=0, **kw))["model"].state_dict()
+    w1 = train(make_config(out_dir=str(tmp_path / "w1"), num_workers=1, **kw))["model"].state_dict()
+    for k in w0: assert torch.equal(w0[k], w1[k]), k
