@@ -126,9 +126,9 @@ def is_hybrid(model: nn.Module) -> bool:
     return isinstance(vit_of(model).patch_embed, HybridEmbed)
 
 def default_layers(model: nn.Module) -> list[int]:
-    "The paper's blocks for GETAM: all of them, the last 6 for ViT-Hybrid."
+    "The paper's blocks for GETAM: all of them; for ViT-Hybrid the last half (the paper's last 6 of 12)."
     n = len(vit_of(model).blocks)
-    return list(range(max(0, n - 6), n)) if is_hybrid(model) else list(range(n))
+    return list(range(n // 2, n)) if is_hybrid(model) else list(range(n))
 
 def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) -> list[int]:
     "Sorted, unique, non-negative block indices (`None` → `default_layers`; negative indices count from the end)."

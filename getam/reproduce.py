@@ -4,7 +4,7 @@
 
 # %% ../nbs/80_reproduce.ipynb #c92b35fe
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, dataclasses, hashlib, json, os, shutil, sys, time
 from pathlib import Path
 from typing import Sequence
 
@@ -18,18 +18,23 @@ from .data import LongSideResize, Normalize, load_dataset
 from .utils import atomic_path, seed_everything
 
 # %% auto #0
-__all__ = ['CLASSIFIER_EPOCHS', 'reproduce_notebooks', 'runs_root', 'dataset_root', 'load_split', 'stack_items', 'vit_classifier',
-           'cnn_classifier', 'train_classifier', 'multilabel_f1', 'checkpoint_path', 'classifier', 'classifier_info',
+__all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPOCHS', 'reproduce_notebooks', 'runs_root',
+           'dataset_root', 'load_split', 'stack_items', 'vit_classifier', 'cnn_classifier', 'train_classifier',
+           'multilabel_f1', 'checkpoint_path', 'classifier', 'classifier_info', 'run_config_diff', 'load_run',
+           'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root', 'coco_run', 'trained_deeplab',
            'maps_to_labels', 'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row',
            'run_reproduce', 'needs_cnn', 'main']
 
 # %% ../nbs/80_reproduce.ipynb #ca04bca9
+KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
+
 def reproduce_notebooks(nb_dir: str | Path | None = None, only: str | Sequence[str] | None = None) -> list[Path]:
-    "The notebooks `figN_*.ipynb` / `tableN_*.ipynb` of `nb_dir` (default `nbs/reproduce/`), in paper order, keeping `only` (e.g. 'fig2,table1')."
+    "The notebooks `figN_*` / `tableN_*` / `suppN_*.ipynb` of `nb_dir` (default `nbs/reproduce/`) in paper order, keeping `only` (e.g. 'fig2,table1,supp1')."
     nb_dir = Path(nb_dir) if nb_dir else Path(__file__).resolve().parents[1] / "nbs" / "reproduce"
     if not nb_dir.is_dir(): raise FileNotFoundError(f"{nb_dir}: not found; expected the folder of reproduce notebooks (nbs/reproduce/ of a source checkout)")
-    nbs = [p for p in nb_dir.glob("*.ipynb") if p.stem.split("_")[0].rstrip("0123456789") in ("fig", "table")]
-    key = lambda p: (p.stem.startswith("table"), int("".join(ch for ch in p.stem.split("_")[0] if ch.isdigit()) or 0), p.stem)
+    kind = lambda p: p.stem.split("_")[0].rstrip("0123456789")
+    nbs = [p for p in nb_dir.glob("*.ipynb") if kind(p) in KINDS]
+    key = lambda p: (KINDS.index(kind(p)), int("".join(ch for ch in p.stem.split("_")[0] if ch.isdigit()) or 0), p.stem)
     nbs = sorted(nbs, key=key)
     if only:
         want = [w.strip() for w in (only.split(",") if isinstance(only, str) else only) if w.strip()]
@@ -150,19 +155,140 @@ def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = 64, r
     p = checkpoint_path(kind, dataset, size, runs_dir).with_suffix(".json")
     return json.loads(p.read_text()) if p.is_file() else {}
 
-# %% ../nbs/80_reproduce.ipynb #568b3b51
-def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor, refine: bool = True) -> torch.Tensor:
-    "Pseudo labels [B, H, W] (0 bg, c+1, 255 ignore) from raw `maps` [B, C, h, w] with `getam.completion.pseudo_labels`."
-    from getam.completion import pseudo_labels
-    return pseudo_labels(x, maps.detach().float(), labels, saliency, refine=refine)
+# %% ../nbs/80_reproduce.ipynb #9ee5828e
+RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every")   # TrainConfig fields that do not change what a run learns
+QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)         # development budget for smoke tests, never the reported numbers
+REDUCED_EPOCHS = 6                                                         # default budget of the reduced runs (Tables 4 and 6)
 
-def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True) -> tuple[float, torch.Tensor]:
-    "mIoU (%) and per-class IoU of the pseudo labels of `method(x, labels) -> maps` against the masks (background included)."
+def _jsonable(d: dict) -> dict: return json.loads(json.dumps(d, default=str).replace("NaN", "null"))   # as getam.train records it
+
+def run_config_diff(cfg, recorded: dict) -> dict:
+    "`{field: (recorded, requested)}` for the fields of the TrainConfig `cfg` that differ from a run's recorded config (RUNTIME_FIELDS aside)."
+    missing = "<missing>"
+    return {k: (recorded.get(k, missing), v) for k, v in _jsonable(dataclasses.asdict(cfg)).items()
+            if k not in RUNTIME_FIELDS and recorded.get(k, missing) != v}
+
+def load_run(out_dir: str | Path) -> dict:
+    "A finished `getam.train` run folder: `model` (eval mode, CPU), `metrics` (its metrics.json), `cfg` (TrainConfig), `out_dir`, input `mean`/`std`."
+    from safetensors.torch import load_file
+    from getam.data import norm_stats
+    from getam.train import TrainConfig, build_model
+    out_dir = Path(out_dir)
+    for f in ("metrics.json", "model.safetensors"):
+        if not (out_dir / f).is_file(): raise FileNotFoundError(f"{out_dir / f}: not found; expected a finished getam.train run folder (metrics.json + model.safetensors)")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    if not metrics.get("config"): raise ValueError(f"{out_dir / 'metrics.json'}: no 'config' recorded; expected the metrics.json written by getam.train")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in metrics["config"].items() if k in names})
+    sd = load_file(str(out_dir / "model.safetensors"))
+    model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None), int(sd["backbone.head.weight"].shape[0]))  # weights from the file
+    model.load_state_dict(sd)
+    mean, std = norm_stats(model.backbone) if cfg.pretrained or cfg.weights else (None, None)
+    return dict(model=model.eval(), metrics=metrics, cfg=cfg, out_dir=out_dir, mean=mean, std=std)
+
+def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
+    """The end-to-end run of `make_config(preset="synth", dataset=dataset, **overrides)` in `{runs_dir}/reproduce/train/{name}`: trained once
+    with `getam.train.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s dict plus `trained` (bool)."""
+    from getam.train import make_config, train
+    if not name or name in (".", "..") or Path(name).name != name: raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
+    out_dir = runs_root(runs_dir) / "train" / name
+    data_root = dataset_root(dataset, root)
+    sal = data_root / "SaliencyMaps" if root else Path(get_settings()[f"{dataset}_saliency_root"])
+    cfg = make_config(preset="synth", dataset=dataset, data_root=str(data_root), saliency_root=str(sal), out_dir=str(out_dir),
+                      progress=progress, **overrides)
+    if (out_dir / "metrics.json").is_file():
+        diff = run_config_diff(cfg, json.loads((out_dir / "metrics.json").read_text()).get("config") or {})
+        if not diff: return dict(load_run(out_dir), trained=False)
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        if not retrain: raise ValueError(f"{out_dir}: the cached run was trained with another config ({what}); pass retrain=True or delete the folder")
+        print(f"{out_dir}: config changed ({what}); retraining")
+    if out_dir.exists(): shutil.rmtree(out_dir)   # stale or unfinished: start clean (no leftover pseudo labels)
+    if not train(cfg)["metrics"]: raise RuntimeError(f"{out_dir}: training stopped early (stop_at_step={cfg.stop_at_step}); nothing to cache")
+    return dict(load_run(out_dir), trained=True)
+
+# %% ../nbs/80_reproduce.ipynb #16985b01
+def run_name(*parts, quick: bool = False) -> str:
+    "Folder name of a shared run: its parts joined by '-', and '-quick' for `QUICK` runs."
+    return "-".join(str(p) for p in parts) + ("-quick" if quick else "")
+
+def main_run(dataset: str = "synth", quick: bool = False, **kw) -> dict:
+    "The main end-to-end run (Fig. 11, Table 5): the synth preset at its full budget (`QUICK`'s with `quick`); `kw` go to `trained_run`."
+    return trained_run(run_name(dataset, "main", quick=quick), dataset, **kw, **(QUICK if quick else {}))
+
+def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False, tag: str | None = None,
+                root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
+    "The synth preset with `backbone` (None: the preset's) for `epochs` epochs (`QUICK` with `quick`), run `{tag or dataset}-{backbone}-e{epochs}` (Tables 4, 6)."
+    from getam.train import make_config
+    bb = make_config(preset="synth", backbone=backbone).backbone
+    budget = QUICK if quick else dict(epochs=int(epochs))
+    name = run_name(tag or dataset, bb, quick=True) if quick else run_name(tag or dataset, bb, f"e{epochs}")
+    return trained_run(name, dataset, root, runs_dir, progress, retrain,
+                       backbone=bb, **{**overrides, **budget})
+
+def synth_coco_root(root=None) -> Path:
+    "SynthVOC in COCO format (the same seed, sizes and images as the VOC-layout SynthVOC), generated once at `root` (default `{synth_root}-coco`)."
+    from getam.synth import ensure_synthvoc
+    voc = dataset_root("synth")
+    meta = json.loads((voc / "synthvoc.json").read_text()) if (voc / "synthvoc.json").is_file() else {}
+    return ensure_synthvoc(Path(root) if root else voc.with_name(voc.name + "-coco"), fmt="coco",
+                           **{k: meta[k] for k in ("seed", "n_train", "n_val", "size") if k in meta})
+
+def coco_run(dataset: str = "synth", epochs: int = REDUCED_EPOCHS, quick: bool = False, **kw) -> dict:
+    "Table 6's run (and Fig. 11's COCO row): COCO-format SynthVOC for `dataset='synth'`, else the COCO of settings.ini, `epochs` epochs."
+    if dataset == "synth": return reduced_run("coco", epochs=epochs, quick=quick, tag="synthcoco", root=synth_coco_root(), **kw)
+    return reduced_run("coco", epochs=epochs, quick=quick, **kw)
+
+# %% ../nbs/80_reproduce.ipynb #b1be1c0f
+def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resnet18", batch_size: int = 8, crop_size: int = 96,
+                    lr: float = 3e-3, head_mult: float = 1.0, scales="single", flip: bool = False, crf: str | None = "released",
+                    runs_dir=None, progress: bool = True, seed: int = 0) -> dict:
+    """DeepLab v2 trained for `steps` steps on the pseudo labels of the end-to-end `run` (a `trained_run` dict) and evaluated on its val split
+    (`scales`, `flip`, `crf` as `getam.evaluate.evaluate_model`); cached in `{runs_dir}/reproduce/train/{name}`. Returns the metrics dict."""
+    from fastprogress.fastprogress import progress_bar
+    from torch.utils.data import DataLoader, Subset
+    from getam import deeplab as DL
+    from getam.evaluate import evaluate_model, metrics
+    from getam.train import resolve_paths
+    cfg, src = run["cfg"], Path(run["out_dir"])
+    key = _jsonable(dict(source=str(src), source_digest=hashlib.sha1((src / "metrics.json").read_bytes()).hexdigest(), steps=steps, backbone=backbone,
+                         batch_size=batch_size, crop_size=crop_size, lr=lr, head_mult=head_mult, scales=scales, flip=flip, crf=crf, seed=seed))
+    out_dir = runs_root(runs_dir) / "train" / name
+    if (out_dir / "metrics.json").is_file() and (m := json.loads((out_dir / "metrics.json").read_text())).get("key") == key: return m
+    if out_dir.exists(): shutil.rmtree(out_dir)
+    paths = resolve_paths(cfg)
+    base = load_dataset(cfg.dataset, paths["root"], paths["train_split"])
+    seed_everything(seed)
+    ds = DL.PseudoLabelDataset(Subset(base, range(min(len(base), cfg.limit_train or len(base)))), src / "pseudo_labels", crop_size)  # the labelled ones
+    dl = DataLoader(ds, batch_size, shuffle=True, drop_last=len(ds) >= batch_size, generator=torch.Generator().manual_seed(seed))
+    model = DL.DeepLabV2(len(base.class_names), backbone)
+    opt = DL.make_optimizer(model, lr, head_mult=head_mult)
+    t0, losses, batches = time.time(), [], iter(())
+    for it in (progress_bar(range(steps)) if progress else range(steps)):
+        b = next(batches, None)
+        if b is None: batches = iter(dl); b = next(batches)
+        DL.poly_lr(opt, it, steps)
+        losses.append(DL.train_step(model, opt, b["image"], b["mask"]))
+    res = dict(key=key, steps=steps, n_train=len(ds), final_loss=float(np.mean(losses[-8:])), train_s=round(time.time() - t0, 1))
+    DL.save_deeplab(model, out_dir / "model.safetensors", steps=steps)
+    val, t0 = load_dataset(cfg.dataset, paths["root"], paths["val_split"]), time.time()
+    cms = evaluate_model(model.eval(), val, class_names=val.class_names, scales=scales, flip=flip, crf=crf, processes=1, limit=cfg.limit_val, progress=progress)
+    res.update(n_val=min(len(val), cfg.limit_val or len(val)), eval_s=round(time.time() - t0, 1), metrics=metrics(cms))
+    with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
+    return res
+
+# %% ../nbs/80_reproduce.ipynb #568b3b51
+def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor, refine: bool = True, **kw) -> torch.Tensor:
+    "Pseudo labels [B, H, W] (0 bg, c+1, 255 ignore) from raw `maps` [B, C, h, w] with `getam.completion.pseudo_labels` (`kw`: e.g. `alpha`, `gamma`)."
+    from getam.completion import pseudo_labels
+    return pseudo_labels(x, maps.detach().float(), labels, saliency, refine=refine, **kw)
+
+def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True, **kw) -> tuple[float, torch.Tensor]:
+    "mIoU (%) and per-class IoU of the pseudo labels of `method(x, labels) -> maps` against the masks (background included); `kw` go to `maps_to_labels`."
     from getam.evaluate import ConfusionMatrix
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(x), batch_size):
         sl = slice(i, i + batch_size)
-        cm.update(maps_to_labels(x[sl], method(x[sl], labels[sl]), labels[sl], saliency[sl], refine), masks[sl])
+        cm.update(maps_to_labels(x[sl], method(x[sl], labels[sl]), labels[sl], saliency[sl], refine, **kw), masks[sl])
     return 100 * cm.miou(), cm.iou()
 
 # %% ../nbs/80_reproduce.ipynb #d0d2edce
@@ -204,8 +330,8 @@ def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str]
 # %% ../nbs/80_reproduce.ipynb #c6346827
 def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = None, out: str | Path = "figures",
                   checkpoint: str = "", nb_dir=None, runs_dir=None, kernel: str = "python3", progress: bool = True,
-                  pretrain: bool = True, threads: int = 1):
-    "Run the reproduce notebooks through papermill; returns the summary DataFrame (notebook, status, seconds, outputs, error)."
+                  pretrain: bool = True, threads: int = 1, params: dict | None = None):
+    "Run the reproduce notebooks through papermill (`params`: extra parameters for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."
     import pandas as pd, papermill as pm
     from fastprogress.fastprogress import progress_bar
     nbs = reproduce_notebooks(nb_dir, only)
@@ -230,7 +356,7 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
             t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
             status, err = "ok", ""
             try:
-                pm.execute_notebook(str(nb), str(runs / nb.name), parameters=dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out)),
+                pm.execute_notebook(str(nb), str(runs / nb.name), parameters=dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out), **(params or {})),
                                     kernel_name=kernel, cwd=str(nb.parent), progress_bar=False, log_output=False)
             except Exception as e:
                 status, err = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
@@ -252,19 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m getam.reproduce", description="Regenerate the paper's figures and tables (papermill over nbs/reproduce/).")
     p.add_argument("--dataset", default="synth", help="synth (default) | voc | coco: which data set the notebooks use")
     p.add_argument("--only", default=None, help="comma-separated subset, e.g. fig2,table1 (default: all)")
-    p.add_argument("--out", default="figures", help="folder for figN_*.png and tableN_*.md/.csv (default: figures)")
+    p.add_argument("--out", default=None, help="folder for figN_*.png and tableN_*.md/.csv (default: figures; with --quick {runs_dir}/reproduce/quick)")
     p.add_argument("--checkpoint", default="", help="a ViT classifier safetensors file (default: the shared one, trained on first use)")
     p.add_argument("--nb-dir", default=None, help="folder of the reproduce notebooks (default: nbs/reproduce/)")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per notebook (default 1: the models are tiny; more threads only add contention)")
+    p.add_argument("--quick", action="store_true", help="smoke test: the end-to-end notebooks train with QUICK's tiny budget (not the paper's numbers)")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
     a = p.parse_args(argv)
+    out = a.out or (runs_root() / "quick" if a.quick else "figures")
     if a.list:
         for nb in reproduce_notebooks(a.nb_dir, a.only): print(nb.name)
         return 0
     t0 = time.time()
-    df = run_reproduce(a.dataset, a.only, a.out, a.checkpoint, a.nb_dir, threads=a.threads)
+    df = run_reproduce(a.dataset, a.only, out, a.checkpoint, a.nb_dir, threads=a.threads, params=dict(quick=True) if a.quick else None)
     print(markdown_table(df))
-    print(f"total {time.time() - t0:.0f} s; executed notebooks in {runs_root()}; outputs in {Path(a.out).resolve()}")
+    print(f"total {time.time() - t0:.0f} s; executed notebooks in {runs_root()}; outputs in {Path(out).resolve()}")
     return int((df.status != "ok").any())
 
 # %% ../nbs/80_reproduce.ipynb #2cfd8a55

@@ -85,7 +85,7 @@ class TrainConfig:
     seg_loss: str = "ce"              # ce (ignore 255) | split (released: background and foreground CE averaged separately)
     saliency_weight: float = 0.0      # corrected saliency loss (background probability vs 1 − saliency); off by default
     # pseudo labels (GETAM → PAMR → label completion)
-    layers: list | None = None        # GETAM blocks; None → all (ViT-Hybrid: last 6)
+    layers: list | None = None        # GETAM blocks; None → all (ViT-Hybrid: the last half)
     fusion: str = "sum"               # sum (Eq. 3) | product | matmul
     gamma: float = 32.0               # background exponent: bg = (1 − max_c map)^gamma
     alpha: float = 0.9                # high-activation quantile (Eq. 5); COCO 0.95

@@ -68,13 +68,13 @@ LABELS = torch.tensor([[1., 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]])
 
 
 @pytest.mark.parametrize("kind,depth,layers", [("vit", 3, [0, 1, 2]), ("deit_distilled", 3, [0, 1, 2]),
-                                               ("vit_hybrid", 8, [2, 3, 4, 5, 6, 7])])
+                                               ("vit_hybrid", 8, [4, 5, 6, 7])])
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])
 def test_getam_equals_slow_reference(kind, depth, layers, size):
     torch.manual_seed(0)
     model = tiny_backbone(kind, depth=depth).eval()
     x = torch.randn(3, 3, *size)
-    ours = getam(model, x, LABELS)                      # default layers: all, last 6 for the hybrid
+    ours = getam(model, x, LABELS)                      # default layers: all, the last half for the hybrid
     ref = slow_reference(model, x, LABELS, layers)
     assert ours.shape == (3, 4, size[0] // 8, size[1] // 8) and ours.dtype == torch.float32 and not ours.requires_grad
     assert rel_err(ours, ref) <= 1e-4
@@ -326,7 +326,7 @@ def test_paper_architectures_equal_reference(name):
     x, y = torch.randn(2, 3, 96, 64), torch.tensor([[1., 0, 1, 0], [0, 0, 0, 1]])
     ours = getam(model, x, y)
     assert ours.shape == (2, 4, 6, 4)
-    assert rel_err(ours, slow_reference(model, x, y, [0, 1])) <= 1e-4
+    assert rel_err(ours, slow_reference(model, x, y, [1] if name == "vit_hybrid" else [0, 1])) <= 1e-4
 
 
 def test_grad_cam_not_zero_for_class_token_models():

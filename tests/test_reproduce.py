@@ -15,8 +15,9 @@ NB_DIR = ROOT / "nbs" / "reproduce"
 def test_reproduce_notebooks_are_parameterized_papermill_notebooks():
     nbs = R.reproduce_notebooks(NB_DIR)
     keys = [p.stem.split("_")[0] for p in nbs]
-    assert {"fig2", "fig4", "fig6", "fig7", "fig10", "table1"} <= set(keys)
-    assert keys == sorted(keys, key=lambda k: (k.startswith("table"), int(k.lstrip("figtable"))))   # paper order, figures first
+    assert {"fig1", "fig2", "fig4", "fig6", "fig7", "fig10", "fig11", "table1", "table4", "table5", "table6", "supp1", "supp2"} <= set(keys)
+    order = lambda k: (["fig", "table", "supp"].index(k.rstrip("0123456789")), int(k.lstrip("figtablesup")))
+    assert keys == sorted(keys, key=order)   # paper order: figures, tables, supplementary
     for p in nbs:
         nb = json.loads(p.read_text())
         assert nb["metadata"]["kernelspec"]["name"] == "python3", p
@@ -28,9 +29,10 @@ def test_reproduce_notebooks_are_parameterized_papermill_notebooks():
 
 
 def test_only_selects_and_names_unknown_keys(tmp_path):
-    for n in ["fig10_b", "fig2_a", "table1_c", "readme"]: (tmp_path / f"{n}.ipynb").write_text("{}")
-    assert [p.stem for p in R.reproduce_notebooks(tmp_path)] == ["fig2_a", "fig10_b", "table1_c"]
+    for n in ["supp2_e", "fig10_b", "supp1_d", "fig2_a", "table1_c", "readme", "supplement"]: (tmp_path / f"{n}.ipynb").write_text("{}")
+    assert [p.stem for p in R.reproduce_notebooks(tmp_path)] == ["fig2_a", "fig10_b", "table1_c", "supp1_d", "supp2_e"]
     assert [p.stem for p in R.reproduce_notebooks(tmp_path, "table1, fig10")] == ["fig10_b", "table1_c"]
+    assert [p.stem for p in R.reproduce_notebooks(tmp_path, "supp2,fig2")] == ["fig2_a", "supp2_e"]
     with pytest.raises(ValueError, match="fig3"): R.reproduce_notebooks(tmp_path, "fig2,fig3")
     with pytest.raises(FileNotFoundError, match="reproduce notebooks"): R.reproduce_notebooks(tmp_path / "nope")
 
@@ -38,6 +40,8 @@ def test_only_selects_and_names_unknown_keys(tmp_path):
 def test_cli_list(capsys):
     assert R.main(["--list", "--only", "fig2,table1"]) == 0
     assert capsys.readouterr().out.split() == ["fig2_cam_vit_vs_cnn.ipynb", "table1_cam_methods.ipynb"]
+    assert R.main(["--list", "--only", "supp1,fig1,fig11"]) == 0
+    assert capsys.readouterr().out.split() == ["fig1_cam_vs_getam.ipynb", "fig11_qualitative.ipynb", "supp1_alpha.ipynb"]
 
 
 def test_tables_are_written_as_markdown_and_csv(tmp_path):
@@ -108,3 +112,67 @@ def test_failing_notebook_is_reported_not_fatal(tiny_synth, tmp_path):
     (nb_dir / "fig99_broken.ipynb").write_text(json.dumps(nb))
     df = R.run_reproduce("synth", out=tmp_path / "figures", nb_dir=nb_dir, runs_dir=tmp_path / "runs", progress=False, pretrain=False)
     assert df.status.tolist() == ["failed"] and "boom 42" in df.error.iloc[0]
+
+
+TINY_RUN = dict(epochs=2, batch_size=4, limit_val=4, plots=False)   # 2 steps per epoch on 8 images: the last one is phase 2
+
+
+def test_trained_run_is_trained_once_then_reused(tiny_synth, tmp_path):
+    r1 = R.trained_run("tiny", progress=False, **TINY_RUN)
+    out = tmp_path / "runs" / "reproduce" / "train" / "tiny"
+    assert r1["trained"] and r1["out_dir"] == out and (out / "pseudo_labels").is_dir()
+    assert r1["metrics"]["steps"] == 4 and r1["metrics"]["n_val"] == 4
+    cfg = r1["cfg"]
+    assert cfg.preset == "synth" and cfg.epochs == 2 and cfg.data_root == str(tiny_synth)
+    from getam.train import make_config
+    preset = make_config(preset="synth")                          # the recipe itself flows in, only the overrides change
+    assert (cfg.lr, cfg.embed_dim, cfg.cls_only_frac) == (preset.lr, preset.embed_dim, preset.cls_only_frac)
+    assert not r1["model"].training
+    from safetensors.torch import load_file
+    sd = load_file(str(out / "model.safetensors"))
+    for k, v in r1["model"].state_dict().items(): assert torch.equal(v, sd[k]), k
+    mtime = (out / "metrics.json").stat().st_mtime_ns
+    r2 = R.trained_run("tiny", progress=True, **TINY_RUN)           # progress is display only: reused, not retrained
+    assert not r2["trained"] and (out / "metrics.json").stat().st_mtime_ns == mtime
+    for (k, a), b in zip(r1["model"].state_dict().items(), r2["model"].state_dict().values()): assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"epochs: 2 -> 1"): R.trained_run("tiny", progress=False, retrain=False, **{**TINY_RUN, "epochs": 1})
+    assert (out / "metrics.json").stat().st_mtime_ns == mtime     # the refusal left the cached run alone
+    r3 = R.trained_run("tiny", progress=False, **{**TINY_RUN, "epochs": 1})
+    assert r3["trained"] and r3["metrics"]["steps"] == 2 and r3["cfg"].epochs == 1
+    with pytest.raises(ValueError, match="plain folder name"): R.trained_run("../tiny")
+
+
+def test_load_run_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.json"): R.load_run(tmp_path)
+
+
+def test_run_names_keep_quick_runs_apart():
+    assert R.run_name("synth", "main") == "synth-main"
+    assert R.run_name("synth", "main", quick=True) == "synth-main-quick"
+    assert set(R.QUICK) >= {"epochs", "limit_train"}
+
+
+@pytest.fixture
+def small_synth(tmp_path, monkeypatch):
+    "32 train images: one full batch of the preset's 16 per step."
+    from getam.synth import make_synthvoc
+    root = make_synthvoc(tmp_path / "synth", n_train=32, n_val=8, size=64)
+    monkeypatch.setenv("GETAM_SYNTH_ROOT", str(root))
+    monkeypatch.setenv("GETAM_SYNTH_SALIENCY_ROOT", str(root / "SaliencyMaps"))
+    monkeypatch.setenv("GETAM_RUNS_DIR", str(tmp_path / "runs"))
+    return root
+
+
+@pytest.mark.slow
+def test_fig11_notebook_runs_quick_through_papermill(small_synth, tmp_path):
+    "Fig. 11 with the QUICK budget: trains the main run and the COCO-format run once, draws both."
+    df = R.run_reproduce("synth", only="fig11", out=tmp_path / "figures", runs_dir=tmp_path / "runs", progress=False, pretrain=False,
+                         params=dict(quick=True, n_images=2, coco_images=1))
+    assert df.status.tolist() == ["ok"], df.error.tolist()
+    assert df.outputs.tolist() == ["fig11_qualitative.png"]
+    png = tmp_path / "figures" / "fig11_qualitative.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    train = tmp_path / "runs" / "reproduce" / "train"
+    assert sorted(p.name for p in train.iterdir()) == ["synth-main-quick", "synthcoco-vit_tiny_patch16_224-quick"]
+    coco = json.loads((train / "synthcoco-vit_tiny_patch16_224-quick" / "metrics.json").read_text())
+    assert coco["dataset"] == "coco" and coco["n_train"] == 32 and coco["config"]["data_root"] == str(small_synth) + "-coco"
