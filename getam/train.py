@@ -116,8 +116,8 @@ PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292)
                             momentum=0.9, weight_decay=5e-4, poly_power=0.9, phase2_lr_scale=0.1, seg_loss="split",
                             cls_head="pooled", gamma=32.0, alpha=0.9, use_pamr=True, optimizer="sgd", warmup_steps=0),
            "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2, head_stride=4,
-                         crop_size=128, batch_size=16, epochs=60, cls_only_frac=0.75, optimizer="adamw", lr=1e-3,
-                         weight_decay=0.05, warmup_steps=100, phase2_lr_scale=0.1, decoder_lr_mult=10.0)}
+                         crop_size=128, batch_size=16, epochs=80, cls_only_frac=0.75, optimizer="adamw", lr=1e-3,
+                         weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0, decoder_lr_mult=10.0)}
 ARCH_OVERRIDES = ("patch_size", "depth", "embed_dim", "num_heads")
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
