@@ -194,10 +194,7 @@ def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
     if maps.shape[-2:] != (H, W): maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
     idx, ok = present_classes(labels.to(image.device))
     m = gather_classes(maps, idx)
-    if refine:  # PAMR on the present (image, class) pairs only: padding slots of images with fewer classes cost nothing
-        b, k = ok.nonzero(as_tuple=True)
-        aff = local_affinity(image, dilations)
-        m = torch.zeros_like(m).index_put_((b, k), propagate(aff[:, b], m[b, k][:, None], dilations, iters)[:, 0])
+    if refine: m = pamr(image, m, dilations, iters)  # padding slots included: one affinity per image, broadcast over its K maps
     m = normalize_max(m.clamp(min=0)) * ok[:, :, None, None]
     full = torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
     if isinstance(saliency, str): kwargs.setdefault("image", image)

@@ -324,3 +324,9 @@ def test_pseudo_labels_refine_only_the_present_pairs():
     maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
     assert torch.equal(pseudo_labels(image, raw, lab, sal), complete_labels(maps, lab, sal))
     assert torch.equal(pseudo_labels(image[2:], raw[2:], lab[2:], sal[2:]), sal[2:] * 255)  # Eq. 4: salient, no class -> ignore
+    lab2 = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]])  # no padding at all: the broadcast path, the same labels
+    idx, ok = present_classes(lab2)
+    up = torch.nn.functional.interpolate(raw[:2] * (lab2[:, :, None, None] > 0), size=(20, 24), mode="bilinear", align_corners=False)
+    ref = normalize_max(pamr(image[:2], gather_classes(up, idx)).clamp(min=0)) * ok[:, :, None, None]
+    maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
+    assert torch.equal(pseudo_labels(image[:2], raw[:2], lab2, sal[:2]), complete_labels(maps, lab2, sal[:2]))
