@@ -14,9 +14,10 @@ from .backbones import create_backbone, record_attention, vit_of
 from .utils import format_timings, time_side_by_side
 
 # %% auto #0
-__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'rank_vjps', 'coupling', 'fuse_layers', 'rollout', 'block_couplings',
-           'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult', 'getam_layers', 'normalize_maps', 'resize_maps',
-           'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients', 'ts_cam', 'cnn_cam', 'benchmark']
+__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'rank_vjps', 'class_row', 'coupling', 'fuse_layers', 'rollout',
+           'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult', 'getam_layers',
+           'normalize_maps', 'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients',
+           'ts_cam', 'cnn_cam', 'benchmark']
 
 # %% ../nbs/21_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
@@ -48,6 +49,10 @@ def rank_vjps(logits: torch.Tensor, inputs: Sequence[torch.Tensor], labels: torc
         yield rows, cls, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 # %% ../nbs/21_cams.ipynb #72badda4
+def class_row(t: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    "The [class] row of an attention-shaped `t` [B, heads, N, N] over the patch columns, mean over heads → [B, N - p] (float32): A_CLS, ∇A_CLS."
+    return t.detach()[:, :, 0, num_prefix_tokens:].float().mean(1)
+
 def coupling(attn: torch.Tensor, grad: torch.Tensor, num_prefix_tokens: int = 1, squared: bool = True) -> torch.Tensor:
     "Eq. 2 on the [class] row: `attn, grad` [B, heads, N, N] (or only their first rows [B, heads, 1, N]) → [B, N - p] (float32)."
     a, g = attn[:, :, 0, num_prefix_tokens:].float(), grad[:, :, 0, num_prefix_tokens:].float()
@@ -147,9 +152,9 @@ def getam_layers(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             with torch.no_grad():
                 ms = block_couplings(attn, grads, rows, p)
                 per_layer[:, rows, cls] = torch.stack(ms)
-                grad_cls[:, rows, cls] = torch.stack([g[rows, :, 0, p:].float().mean(1) for g in grads])
+                grad_cls[:, rows, cls] = torch.stack([class_row(g[rows], p) for g in grads])
                 maps[rows, cls] = fuse_rank(attn, grads, rows, p, fusion, per_block=ms)
-        a_cls = torch.stack([a.detach()[:, :, 0, p:].float().mean(1) for a in attn])
+        a_cls = torch.stack([class_row(a, p) for a in attn])
     return GetamResult(maps.view(B, C, h, w), per_layer.view(L, B, C, h, w), a_cls.view(L, B, h, w),
                        grad_cls.view(L, B, C, h, w), logits.detach(), rec.layers, (h, w))
 
@@ -185,20 +190,22 @@ def _features(model: nn.Module, images: torch.Tensor, layers=None):
     return feats, rec, vit
 
 @torch.no_grad()
+def _token_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: Callable | None, relu: bool,
+               add_class: bool) -> torch.Tensor:
+    "The classifier on every patch token of the final features (plus the [class] token O_CLS if `add_class`) → [B, C, h, w]."
+    feats, rec, vit = _features(model, images)
+    tokens = feats[:, rec.num_prefix_tokens:] + (feats[:, :1] if add_class else 0)
+    return _tokens_to_maps((classifier or token_classifier(vit))(tokens), labels, rec.grid, relu)
+
 def cam_ignore(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: Callable | None = None,
                relu: bool = True) -> torch.Tensor:
     "CAM(ignore) of Sec. 3: the classifier on every patch token of the final features → [B, C, h, w]."
-    feats, rec, vit = _features(model, images)
-    clf = classifier or token_classifier(vit)
-    return _tokens_to_maps(clf(feats[:, rec.num_prefix_tokens:]), labels, rec.grid, relu)
+    return _token_cam(model, images, labels, classifier, relu, add_class=False)
 
-@torch.no_grad()
 def cam_add(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: Callable | None = None,
             relu: bool = True) -> torch.Tensor:
     "CAM(add) of Sec. 3: the classifier on every patch token plus the [class] token O_CLS → [B, C, h, w]."
-    feats, rec, vit = _features(model, images)
-    clf = classifier or token_classifier(vit)
-    return _tokens_to_maps(clf(feats[:, rec.num_prefix_tokens:] + feats[:, :1]), labels, rec.grid, relu)
+    return _token_cam(model, images, labels, classifier, relu, add_class=True)
 
 # %% ../nbs/21_cams.ipynb #f0a361cd
 def grad_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, relu: bool = True) -> torch.Tensor:
@@ -236,7 +243,7 @@ def ts_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers:
     vit = vit_of(model)
     feats, rec, _ = _features(vit, images, list(range(len(vit.blocks))) if layers is None else layers)
     p = rec.num_prefix_tokens
-    a_cls = torch.stack([a[:, :, 0, p:].float().mean(1) for a in rec.attn]).mean(0)     # [B, n]
+    a_cls = torch.stack([class_row(a, p) for a in rec.attn]).mean(0)     # [B, n]
     scores = (classifier or token_classifier(vit))(feats[:, p:]).float() * a_cls[:, :, None]
     return _tokens_to_maps(scores, labels, rec.grid, relu)
 

@@ -100,8 +100,18 @@ def _missing(path: Path, expected: str, key: str | None) -> FileNotFoundError:
     hint = f"; set {key} in settings.ini (or the GETAM_{key.upper()} environment variable)" if key else ""
     return FileNotFoundError(f"{path}: not found; expected {expected} there{hint}")
 
+class _SegDataset(Dataset):
+    "What the VOC and COCO datasets share: the optional saliency folder, `num_classes` and the length."
+    def _set_saliency_root(self, saliency_root, key: str, pattern: str):
+        self.saliency_root = None if saliency_root is None else Path(saliency_root)
+        if self.saliency_root is not None and not self.saliency_root.is_dir():
+            raise _missing(self.saliency_root, f"the saliency maps, one {pattern}.png per image", key)
+    @property
+    def num_classes(self) -> int: return len(self.class_names) - 1
+    def __len__(self): return len(self.ids)
+
 # %% ../nbs/10_data.ipynb #d6a55a69
-class VOCDataset(Dataset):
+class VOCDataset(_SegDataset):
     "VOC-layout segmentation data: items `{image, label, mask, [saliency], name}`."
     def __init__(self, root, split: str = "train", saliency_root=None, transform: Callable | None = None,
                  class_names: Sequence[str] = VOC_CLASSES, palette=PALETTE, saliency_threshold: int = 0,
@@ -124,13 +134,7 @@ class VOCDataset(Dataset):
             f = self.root / "cls_labels.npy"
             if not f.is_file(): raise _missing(f, "the image-level labels, a dict id -> multi-hot float32[C] (build it with `python -m getam.data voc-labels`)", root_key)
             self.labels_file, self.labels = f, np.load(f, allow_pickle=True).item()
-        self.saliency_root = None if saliency_root is None else Path(saliency_root)
-        if self.saliency_root is not None and not self.saliency_root.is_dir():
-            raise _missing(self.saliency_root, "the saliency maps, one {id}.png per image", saliency_key)
-
-    @property
-    def num_classes(self) -> int: return len(self.class_names) - 1
-    def __len__(self): return len(self.ids)
+        self._set_saliency_root(saliency_root, saliency_key, "{id}")
 
     def label(self, name: str) -> torch.Tensor:
         "The multi-hot label `[C]` of image `name`."
@@ -189,7 +193,7 @@ def coco_class_mask(coco, image_id: int, cat_to_label: dict[int, int]) -> np.nda
     return mask
 
 # %% ../nbs/10_data.ipynb #94c639cb
-class COCODataset(Dataset):
+class COCODataset(_SegDataset):
     "COCO-format segmentation data (`root/{split}/`, `root/annotations/instances_{split}.json`): items `{image, label, mask, [saliency], name}`."
     def __init__(self, root, split: str = "train2014", saliency_root=None, transform: Callable | None = None,
                  saliency_threshold: int = 0, skip_unlabelled: bool = True, palette=PALETTE,
@@ -206,13 +210,7 @@ class COCODataset(Dataset):
         ids = sorted(self.coco.imgs)
         self.ids = [i for i in ids if self.coco.imgToAnns.get(i)] if skip_unlabelled else ids
         self.mask_dir = next((d for d in (self.root / "SegmentationClass" / split, self.root / "coco_seg_anno") if d.is_dir()), None)
-        self.saliency_root = None if saliency_root is None else Path(saliency_root)
-        if self.saliency_root is not None and not self.saliency_root.is_dir():
-            raise _missing(self.saliency_root, "the saliency maps, one {stem}.png per image", saliency_key)
-
-    @property
-    def num_classes(self) -> int: return len(self.class_names) - 1
-    def __len__(self): return len(self.ids)
+        self._set_saliency_root(saliency_root, saliency_key, "{stem}")
 
     def label(self, image_id: int) -> torch.Tensor:
         lab = torch.zeros(self.num_classes)

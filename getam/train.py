@@ -22,7 +22,7 @@ from .config import get_settings, resolve_device
 from .utils import atomic_path, seed_everything, time_side_by_side, format_timings
 from .data import DATASETS, load_dataset, train_transform, eval_transform, collate, write_palette_png, PALETTE, IGNORE_INDEX
 from .backbones import record_attention, tiny_backbone
-from .cams import getam, getam_layers, maps_from_attention, resize_maps, _released_recipe
+from .cams import class_row, getam_layers, maps_from_attention, resize_maps, _released_recipe
 from .completion import attention_saliency, pseudo_labels
 from .evaluate import ConfusionMatrix
 from .model import GetamSegmenter
@@ -203,7 +203,7 @@ def _unwrap(model: nn.Module) -> nn.Module: return model.module if hasattr(model
 def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_prefix_tokens: int, image: torch.Tensor,
                          threshold: float = 0.3) -> torch.Tensor:
     "Saliency `[B, H, W]` in {0, 1} without a detector: A_CLS (the [class] row, mean over heads and the recorded blocks) → `attention_saliency`."
-    a = torch.stack([t.detach()[:, :, 0, num_prefix_tokens:].float().mean(1) for t in attn]).mean(0)
+    a = torch.stack([class_row(t, num_prefix_tokens) for t in attn]).mean(0)
     return attention_saliency(a.view(-1, *grid), image, threshold)
 
 def _saliency(batch: dict, rec, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

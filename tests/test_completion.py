@@ -310,8 +310,8 @@ def test_synthvoc_stages(tmp_path):
     assert cm.miou() > 0.3
 
 
-def test_pseudo_labels_refine_only_the_present_pairs():
-    "PAMR on the packed (image, class) pairs equals PAMR on the padded [B, K] slots, bitwise; an image with no class costs nothing."
+def test_pseudo_labels_is_pamr_then_completion_of_the_present_classes():
+    "pseudo_labels = resize, PAMR on the present classes' [B, K] slots, max-normalise, complete_labels; bitwise, any K per image."
     from getam.completion import normalize_max, gather_classes
     g = torch.Generator().manual_seed(3)
     image = torch.randn(3, 3, 20, 24, generator=g)
@@ -324,7 +324,7 @@ def test_pseudo_labels_refine_only_the_present_pairs():
     maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
     assert torch.equal(pseudo_labels(image, raw, lab, sal), complete_labels(maps, lab, sal))
     assert torch.equal(pseudo_labels(image[2:], raw[2:], lab[2:], sal[2:]), sal[2:] * 255)  # Eq. 4: salient, no class -> ignore
-    lab2 = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]])  # no padding at all: the broadcast path, the same labels
+    lab2 = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]])  # no padding slots at all
     idx, ok = present_classes(lab2)
     up = torch.nn.functional.interpolate(raw[:2] * (lab2[:, :, None, None] > 0), size=(20, 24), mode="bilinear", align_corners=False)
     ref = normalize_max(pamr(image[:2], gather_classes(up, idx)).clamp(min=0)) * ok[:, :, None, None]
