@@ -18,12 +18,13 @@ from .data import LongSideResize, Normalize, load_dataset
 from .utils import atomic_path, seed_everything
 
 # %% auto #0
-__all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPOCHS', 'reproduce_notebooks', 'runs_root',
-           'dataset_root', 'load_split', 'stack_items', 'vit_classifier', 'cnn_classifier', 'train_classifier',
-           'multilabel_f1', 'checkpoint_path', 'classifier', 'classifier_info', 'run_config_diff', 'load_run',
-           'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root', 'coco_run', 'trained_deeplab',
+__all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPOCHS', 'BACKBONES', 'DEEPLAB',
+           'reproduce_notebooks', 'runs_root', 'dataset_root', 'load_split', 'stack_items', 'vit_classifier',
+           'cnn_classifier', 'train_classifier', 'multilabel_f1', 'checkpoint_path', 'classifier', 'classifier_info',
+           'run_config_diff', 'load_run', 'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root',
+           'coco_run', 'oracle_run', 'backbone_overrides', 'backbone_run', 'trained_deeplab', 'deeplab_run',
            'maps_to_labels', 'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row',
-           'run_reproduce', 'needs_cnn', 'main']
+           'needs_cnn', 'SharedJob', 'shared_jobs', 'train_shared', 'run_reproduce', 'main']
 
 # %% ../nbs/80_reproduce.ipynb #ca04bca9
 KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
@@ -156,7 +157,7 @@ def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = 64, r
     return json.loads(p.read_text()) if p.is_file() else {}
 
 # %% ../nbs/80_reproduce.ipynb #9ee5828e
-RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every")   # TrainConfig fields that do not change what a run learns
+RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_at_step")   # TrainConfig fields that do not change what a run learns
 QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)         # development budget for smoke tests, never the reported numbers
 REDUCED_EPOCHS = 40                                                        # default budget of the reduced runs (Tables 4 and 6)
 
@@ -202,7 +203,12 @@ def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, pro
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         if not retrain: raise ValueError(f"{out_dir}: the cached run was trained with another config ({what}); pass retrain=True or delete the folder")
         print(f"{out_dir}: config changed ({what}); retraining")
-    if out_dir.exists(): shutil.rmtree(out_dir)   # stale or unfinished: start clean (no leftover pseudo labels)
+    elif (out_dir / "state.pt").is_file():        # interrupted: continue from its last checkpoint if it is the same run
+        st = torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)
+        if not run_config_diff(cfg, json.loads(st.get("config") or "{}")):
+            print(f"{out_dir}: continuing the interrupted run from its checkpoint at step {st['step']}")
+            cfg = dataclasses.replace(cfg, resume=True)
+    if out_dir.exists() and not cfg.resume: shutil.rmtree(out_dir)   # stale or unfinished: start clean (no leftover pseudo labels)
     if not train(cfg)["metrics"]: raise RuntimeError(f"{out_dir}: training stopped early (stop_at_step={cfg.stop_at_step}); nothing to cache")
     return dict(load_run(out_dir), trained=True)
 
@@ -237,6 +243,30 @@ def coco_run(dataset: str = "synth", epochs: int = REDUCED_EPOCHS, quick: bool =
     "Table 6's run (and Fig. 11's COCO row): COCO-format SynthVOC for `dataset='synth'`, else the COCO of settings.ini, `epochs` epochs."
     if dataset == "synth": return reduced_run("coco", epochs=epochs, quick=quick, tag="synthcoco", root=synth_coco_root(), **kw)
     return reduced_run("coco", epochs=epochs, quick=quick, **kw)
+
+def oracle_run(dataset: str = "synth", quick: bool = False, **kw) -> dict:
+    "Table 5's fully supervised oracle: the main run's preset and budget with the ground-truth masks (`supervision='gt'`)."
+    return trained_run(run_name(dataset, "oracle", quick=quick), dataset, supervision="gt", **kw, **(QUICK if quick else {}))
+
+BACKBONES = {"ViT": "vit_tiny_patch16_224", "ViT-Hybrid": "vit_tiny_r_s16_p8_224", "DeiT": "deit_tiny_patch16_224",
+             "DeiT-Distilled": "deit_tiny_distilled_patch16_224"}   # Table 4's families as tiny timm models
+
+def backbone_overrides(backbone: str) -> dict:
+    """Table 4's overrides for `backbone`: none for a plain ViT; for a hybrid (a CNN stem before the patch embedding) the patch size
+    that keeps the preset ViT's token size in pixels, and GETAM on the last half of its blocks (the paper's choice for ViT-Hybrid)."""
+    from getam.train import build_model, make_config
+    cfg = make_config(preset="synth", backbone=backbone)
+    with torch.random.fork_rng(devices=[]): vit = build_model(cfg, 2).backbone    # leaves the caller's random state alone
+    stem_net = getattr(vit.patch_embed, "backbone", None)
+    if stem_net is None: return {}
+    with torch.no_grad(): stem = cfg.crop_size // stem_net(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size)).shape[-1]  # pixels per stem feature
+    depth = len(vit.blocks)
+    return dict(patch_size=max(1, make_config(preset="synth").patch_size // stem), layers=list(range(depth // 2, depth)))
+
+def backbone_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False, **kw) -> dict:
+    "Table 4's run of `backbone`: `reduced_run` with `backbone_overrides(backbone)`."
+    bb = backbone or BACKBONES["ViT"]
+    return reduced_run(dataset, bb, epochs, quick=quick, **backbone_overrides(bb), **kw)
 
 # %% ../nbs/80_reproduce.ipynb #b1be1c0f
 def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resnet18", batch_size: int = 8, crop_size: int = 96,
@@ -275,6 +305,17 @@ def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resn
     res.update(n_val=min(len(val), cfg.limit_val or len(val)), eval_s=round(time.time() - t0, 1), metrics=metrics(cms))
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
     return res
+
+DEEPLAB = dict(steps=64, backbone="resnet18", scales="single", crf="released")   # Table 5's multi-stage budget (its notebook's defaults)
+
+def deeplab_run(dataset: str = "synth", quick: bool = False, run: dict | None = None, steps: int = DEEPLAB["steps"], backbone: str = DEEPLAB["backbone"],
+                scales: str = DEEPLAB["scales"], crf: str | None = DEEPLAB["crf"], runs_dir=None, progress: bool = True) -> dict:
+    """Table 5's multi-stage row: `trained_deeplab` on the pseudo labels of `run` (default: the main run, trained first if needed), named
+    `{run}-deeplab-{backbone}-s{steps}`, tested at `scales` (with flip unless single scale) and + CRF; `quick` caps `steps` at 4."""
+    run = run or main_run(dataset, quick=quick, runs_dir=runs_dir, progress=progress)
+    steps = min(4, int(steps)) if quick else int(steps)
+    return trained_deeplab(run, run_name(Path(run["out_dir"]).name, "deeplab", backbone, f"s{steps}"), steps=steps, backbone=backbone,
+                           scales=scales, flip=scales != "single", crf=crf, runs_dir=runs_dir, progress=progress)
 
 # %% ../nbs/80_reproduce.ipynb #568b3b51
 def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor, refine: bool = True, **kw) -> torch.Tensor:
@@ -327,31 +368,96 @@ def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str]
         ax.imshow(p); ax.set_xticks([]); ax.set_yticks([])
         if i < len(titles): ax.set_title(titles[i], fontsize=9)
 
+# %% ../nbs/80_reproduce.ipynb #cc97422d
+def _code(nb: Path) -> str:
+    "The code cells of notebook `nb`, joined."
+    return "".join("".join(c.get("source", "")) for c in json.loads(Path(nb).read_text()).get("cells", []) if c.get("cell_type") == "code")
+
+def needs_cnn(nb: Path) -> bool:
+    "Whether notebook `nb` uses the shared CNN classifier (calls `classifier(\"cnn\", ...)` in a code cell)."
+    src = _code(nb)
+    return 'classifier("cnn"' in src or "classifier('cnn'" in src
+
+@dataclasses.dataclass(frozen=True)
+class SharedJob:
+    "A model the notebooks share: `fn(**kw)` (a function of this module) trains or loads it; `cost` ~ single-thread seconds, to start the longest first."
+    label: str
+    fn: str
+    kw: dict
+    cost: float
+
+def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False, checkpoint: str = "") -> list[SharedJob]:
+    "The shared classifiers and end-to-end runs that the notebooks `nbs` call for (found in their code cells), longest first."
+    src = "".join(_code(p) for p in nbs)
+    q, e = dict(dataset=dataset, quick=quick), "quick" if quick else f"e{REDUCED_EPOCHS}"
+    jobs = []
+    if 'classifier("vit"' in src and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
+    if any(needs_cnn(p) for p in nbs): jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
+    if "deeplab_run(" in src: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 680))
+    elif "main_run(" in src: jobs.append(SharedJob("main run", "main_run", q, 600))
+    if "oracle_run(" in src: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 350))
+    fams = ["ViT", "ViT-Hybrid", "DeiT-Distilled"] if "backbone_run(" in src else ["ViT"] if "reduced_run(" in src else []
+    for f in fams:   # DeiT from scratch is the ViT (Table 4 checks it and trains it itself if not)
+        jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]), 410 if f == "ViT-Hybrid" else 320))
+    if "coco_run(" in src: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 310))
+    return sorted(jobs, key=lambda j: -j.cost)
+
+def _run_job(fn: str, kw: dict, threads: int) -> float:
+    "Body of one `train_shared` job (also in a child process): `fn(**kw)` with `threads` torch threads, no progress bars; returns seconds."
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    globals()[fn](**kw, progress=False)
+    return time.time() - t0
+
+def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, progress: bool = True) -> list[dict]:
+    """Run `jobs` in `workers` spawned processes of `threads` torch threads each, in the given order (`workers=1`: here, one after the
+    other). A failing job is reported, not fatal. One summary row per job (notebook, status, seconds, outputs, error)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from fastprogress.fastprogress import progress_bar
+    rows, t0 = [None] * len(jobs), time.time()
+    row = lambda j, status, s, err="": dict(notebook=f"(train) {j.label}", status=status, seconds=round(s, 1), outputs="", error=err)
+    fail = lambda e: f"{type(e).__name__}: {e}"[:200]
+    if workers <= 1:
+        n = torch.get_num_threads()
+        try:
+            for i in (progress_bar(range(len(jobs))) if progress and jobs else range(len(jobs))):
+                j, t = jobs[i], time.time()
+                try: rows[i] = row(j, "ok", _run_job(j.fn, j.kw, threads))
+                except Exception as e: rows[i] = row(j, "failed", time.time() - t, fail(e))
+        finally: torch.set_num_threads(n)
+        return rows
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))   # spawn: no forked torch thread pools
+    try:
+        futs = {ex.submit(_run_job, j.fn, j.kw, threads): i for i, j in enumerate(jobs)}  # workers take them in this order
+        for f in (progress_bar(as_completed(futs), total=len(futs)) if progress and futs else as_completed(futs)):
+            i = futs[f]
+            try: rows[i] = row(jobs[i], "ok", f.result())
+            except Exception as e: rows[i] = row(jobs[i], "failed", time.time() - t0, fail(e))
+    finally: ex.shutdown(wait=True, cancel_futures=True)
+    return rows
+
 # %% ../nbs/80_reproduce.ipynb #c6346827
 def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = None, out: str | Path = "figures",
                   checkpoint: str = "", nb_dir=None, runs_dir=None, kernel: str = "python3", progress: bool = True,
-                  pretrain: bool = True, threads: int = 2, params: dict | None = None):
-    "Run the reproduce notebooks through papermill (`params`: extra parameters for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."
+                  pretrain: bool = True, threads: int = 2, workers: int = 2, params: dict | None = None):
+    """Train the shared models (`pretrain`: in `workers` processes, `threads // workers` threads each), then run the reproduce notebooks through
+    papermill with `threads` threads (`params`: extra parameters for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."""
     import pandas as pd, papermill as pm
     from fastprogress.fastprogress import progress_bar
     nbs = reproduce_notebooks(nb_dir, only)
     out, runs = Path(out).resolve(), runs_root(runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True); out.mkdir(parents=True, exist_ok=True)
     rows = []
-    if pretrain:
-        t0 = time.time()
-        try:
-            torch.set_num_threads(threads)
-            if not checkpoint: classifier("vit", dataset, progress=progress, runs_dir=runs_dir)
-            if any(needs_cnn(p) for p in nbs): classifier("cnn", dataset, progress=progress, runs_dir=runs_dir)
-            rows.append(dict(notebook="(shared classifiers)", status="ok", seconds=round(time.time() - t0, 1), outputs="", error=""))
-        except Exception as e:
-            rows.append(dict(notebook="(shared classifiers)", status="failed", seconds=round(time.time() - t0, 1), outputs="", error=f"{type(e).__name__}: {e}"))
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
-    if runs_dir: env["GETAM_RUNS_DIR"] = str(Path(runs_dir).resolve())   # the notebooks' kernels find the same shared classifiers
+    if runs_dir: env["GETAM_RUNS_DIR"] = str(Path(runs_dir).resolve())   # training processes and kernels find the same shared models
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        if pretrain and (jobs := shared_jobs(nbs, dataset, bool((params or {}).get("quick")), checkpoint)):
+            dataset_root(dataset)                                          # generate the data once, before the processes start
+            if dataset == "synth" and any(j.fn == "coco_run" for j in jobs): synth_coco_root()
+            rows += train_shared(jobs, workers, max(1, threads // max(1, workers)), progress)
         for nb in (progress_bar(nbs) if progress else nbs):
             t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
             status, err = "ok", ""
@@ -368,11 +474,6 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
             else: os.environ[k] = v
     return pd.DataFrame(rows)
 
-def needs_cnn(nb: Path) -> bool:
-    "Whether notebook `nb` uses the shared CNN classifier (calls `classifier(\"cnn\", ...)` in a code cell)."
-    src = "".join("".join(c.get("source", "")) for c in json.loads(nb.read_text()).get("cells", []) if c.get("cell_type") == "code")
-    return 'classifier("cnn"' in src or "classifier('cnn'" in src
-
 # %% ../nbs/80_reproduce.ipynb #4db010fb
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m getam.reproduce", description="Regenerate the paper's figures and tables (papermill over nbs/reproduce/).")
@@ -381,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for figN_*.png and tableN_*.md/.csv (default: figures; with --quick {runs_dir}/reproduce/quick)")
     p.add_argument("--checkpoint", default="", help="a ViT classifier safetensors file (default: the shared one, trained on first use)")
     p.add_argument("--nb-dir", default=None, help="folder of the reproduce notebooks (default: nbs/reproduce/)")
-    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads per notebook (default 2; the end-to-end trainings run 1.3-1.5x faster than with 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads per notebook (default 2), shared by the training processes")
+    p.add_argument("--workers", type=int, default=2, help="processes that train the shared models before the notebooks run (default 2: one thread each)")
     p.add_argument("--quick", action="store_true", help="smoke test: the end-to-end notebooks train with QUICK's tiny budget (not the paper's numbers)")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
     a = p.parse_args(argv)
@@ -390,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nb in reproduce_notebooks(a.nb_dir, a.only): print(nb.name)
         return 0
     t0 = time.time()
-    df = run_reproduce(a.dataset, a.only, out, a.checkpoint, a.nb_dir, threads=a.threads, params=dict(quick=True) if a.quick else None)
+    df = run_reproduce(a.dataset, a.only, out, a.checkpoint, a.nb_dir, threads=a.threads, workers=a.workers, params=dict(quick=True) if a.quick else None)
     print(markdown_table(df))
     print(f"total {time.time() - t0:.0f} s; executed notebooks in {runs_root()}; outputs in {Path(out).resolve()}")
     return int((df.status != "ok").any())

@@ -176,3 +176,65 @@ def test_fig11_notebook_runs_quick_through_papermill(small_synth, tmp_path):
     assert sorted(p.name for p in train.iterdir()) == ["synth-main-quick", "synthcoco-vit_tiny_patch16_224-quick"]
     coco = json.loads((train / "synthcoco-vit_tiny_patch16_224-quick" / "metrics.json").read_text())
     assert coco["dataset"] == "coco" and coco["n_train"] == 32 and coco["config"]["data_root"] == str(small_synth) + "-coco"
+
+
+def _params(nb: Path) -> dict:
+    "The parameters cell of a notebook, executed."
+    cell = next(c for c in json.loads(nb.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    ns = {}; exec("".join(cell["source"]), ns)
+    return ns
+
+
+def test_notebook_budgets_are_the_ones_trained_ahead():
+    "train_shared trains the runs the notebooks will ask for only while their budget parameters equal the module's defaults."
+    p = {nb.stem.split("_")[0]: _params(nb) for nb in R.reproduce_notebooks(NB_DIR)}
+    assert p["table4"]["epochs"] == p["table6"]["epochs"] == p["fig11"]["coco_epochs"] == R.REDUCED_EPOCHS
+    t5 = p["table5"]
+    assert dict(steps=t5["deeplab_steps"], backbone=t5["deeplab_backbone"], scales=t5["deeplab_scales"], crf=t5["crf"]) == R.DEEPLAB
+
+
+def test_shared_jobs_of_the_reproduce_notebooks():
+    B = R.BACKBONES
+    jobs = R.shared_jobs(R.reproduce_notebooks(NB_DIR))
+    assert [(j.fn, j.kw.get("backbone") or j.kw.get("kind")) for j in jobs] == [
+        ("deeplab_run", None), ("backbone_run", B["ViT-Hybrid"]), ("oracle_run", None), ("backbone_run", B["ViT"]),
+        ("backbone_run", B["DeiT-Distilled"]), ("coco_run", None), ("classifier", "cnn"), ("classifier", "vit")]
+    assert all(j.kw["dataset"] == "synth" for j in jobs)
+    assert [j.fn for j in R.shared_jobs(R.reproduce_notebooks(NB_DIR, "fig4"))] == ["classifier"]
+    assert R.shared_jobs(R.reproduce_notebooks(NB_DIR, "fig4"), checkpoint="vit.safetensors") == []
+    fig11 = R.shared_jobs(R.reproduce_notebooks(NB_DIR, "fig11"), quick=True)
+    assert [(j.fn, j.kw) for j in fig11] == [("main_run", dict(dataset="synth", quick=True)), ("coco_run", dict(dataset="synth", quick=True))]
+
+
+def test_backbone_overrides_keep_the_token_size():
+    assert R.backbone_overrides(R.BACKBONES["ViT"]) == {} and R.backbone_overrides(R.BACKBONES["DeiT-Distilled"]) == {}
+    state = torch.random.get_rng_state()
+    assert R.backbone_overrides(R.BACKBONES["ViT-Hybrid"]) == dict(patch_size=4, layers=[3, 4, 5])   # stride-4 stem x 4 = 16 px; last 3 of 6 blocks
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.slow
+def test_train_shared_trains_in_parallel_what_the_notebooks_then_load(tiny_synth, tmp_path):
+    jobs = [R.SharedJob("a", "trained_run", dict(name="a", **TINY_RUN), 2), R.SharedJob("b", "trained_run", dict(name="b", **TINY_RUN, seed=1), 1),
+            R.SharedJob("bad", "trained_run", dict(name="../bad"), 0)]
+    rows = R.train_shared(jobs, workers=2, threads=1, progress=False)
+    assert [(r["notebook"], r["status"]) for r in rows] == [("(train) a", "ok"), ("(train) b", "ok"), ("(train) bad", "failed")]
+    assert "plain folder name" in rows[2]["error"]
+    a, b = R.trained_run("a", progress=False, **TINY_RUN), R.trained_run("b", progress=False, **TINY_RUN, seed=1)
+    assert not a["trained"] and not b["trained"]                       # cached by the child processes
+    ref = R.trained_run("ref", progress=False, **TINY_RUN)              # the same config here, one thread: the same weights
+    for k, v in ref["model"].state_dict().items(): assert torch.equal(v, a["model"].state_dict()[k]), k
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path):
+    out = tmp_path / "runs" / "reproduce" / "train" / "cut"
+    with pytest.raises(RuntimeError, match="stopped early"): R.trained_run("cut", progress=False, stop_at_step=2, **TINY_RUN)
+    assert (out / "state.pt").is_file() and not (out / "metrics.json").is_file()
+    r = R.trained_run("cut", progress=False, **TINY_RUN)
+    assert r["trained"] and r["metrics"]["steps"] == 4
+    log = pd.read_csv(out / "log.csv")
+    assert log.step.tolist() == [0, 1, 2, 3]                            # steps 0-1 from the first call, 2-3 resumed
+    ref = R.trained_run("ref", progress=False, **TINY_RUN)
+    for k, v in ref["model"].state_dict().items(): assert torch.equal(v, r["model"].state_dict()[k]), k
+    pd.testing.assert_series_equal(log.loss, pd.read_csv(ref["out_dir"] / "log.csv").loss)
