@@ -24,7 +24,7 @@ __all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPO
            'run_config_diff', 'load_run', 'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root',
            'coco_run', 'oracle_run', 'backbone_overrides', 'backbone_run', 'trained_deeplab', 'deeplab_run',
            'maps_to_labels', 'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row',
-           'needs_cnn', 'SharedJob', 'shared_jobs', 'train_shared', 'run_reproduce', 'main']
+           'SharedJob', 'shared_jobs', 'train_shared', 'run_reproduce', 'main']
 
 # %% ../nbs/80_reproduce.ipynb #ca04bca9
 KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
@@ -373,10 +373,9 @@ def _code(nb: Path) -> str:
     "The code cells of notebook `nb`, joined."
     return "".join("".join(c.get("source", "")) for c in json.loads(Path(nb).read_text()).get("cells", []) if c.get("cell_type") == "code")
 
-def needs_cnn(nb: Path) -> bool:
-    "Whether notebook `nb` uses the shared CNN classifier (calls `classifier(\"cnn\", ...)` in a code cell)."
-    src = _code(nb)
-    return 'classifier("cnn"' in src or "classifier('cnn'" in src
+def _calls_classifier(src: str, kind: str) -> bool:
+    "Whether code `src` asks for the shared `kind` ('vit' | 'cnn') classifier."
+    return f'classifier("{kind}"' in src or f"classifier('{kind}'" in src
 
 @dataclasses.dataclass(frozen=True)
 class SharedJob:
@@ -391,8 +390,8 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     src = "".join(_code(p) for p in nbs)
     q, e = dict(dataset=dataset, quick=quick), "quick" if quick else f"e{REDUCED_EPOCHS}"
     jobs = []
-    if 'classifier("vit"' in src and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
-    if any(needs_cnn(p) for p in nbs): jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
+    if _calls_classifier(src, "vit") and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
+    if _calls_classifier(src, "cnn"): jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
     if "deeplab_run(" in src: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 680))
     elif "main_run(" in src: jobs.append(SharedJob("main run", "main_run", q, 600))
     if "oracle_run(" in src: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 350))

@@ -227,14 +227,19 @@ def test_train_shared_trains_in_parallel_what_the_notebooks_then_load(tiny_synth
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path):
+def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path, capsys):
     out = tmp_path / "runs" / "reproduce" / "train" / "cut"
     with pytest.raises(RuntimeError, match="stopped early"): R.trained_run("cut", progress=False, stop_at_step=2, **TINY_RUN)
     assert (out / "state.pt").is_file() and not (out / "metrics.json").is_file()
+    first = pd.read_csv(out / "log.csv")
+    assert first.step.tolist() == [0, 1]
+    capsys.readouterr()
     r = R.trained_run("cut", progress=False, **TINY_RUN)
+    assert "continuing the interrupted run from its checkpoint at step 2" in capsys.readouterr().out
     assert r["trained"] and r["metrics"]["steps"] == 4
     log = pd.read_csv(out / "log.csv")
-    assert log.step.tolist() == [0, 1, 2, 3]                            # steps 0-1 from the first call, 2-3 resumed
+    assert log.step.tolist() == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(log.iloc[:2], first)                   # steps 0-1 kept from the first call (their times too), 2-3 resumed
     ref = R.trained_run("ref", progress=False, **TINY_RUN)
     for k, v in ref["model"].state_dict().items(): assert torch.equal(v, r["model"].state_dict()[k]), k
     pd.testing.assert_series_equal(log.loss, pd.read_csv(ref["out_dir"] / "log.csv").loss)
