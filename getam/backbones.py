@@ -16,6 +16,9 @@ from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
+from safetensors.torch import load_file
+from .config import setting
+
 
 # %% auto #0
 __all__ = ['ALIASES', 'VIT_MODULES', 'CNN_MODULES', 'resolve_name', 'load_weights_file', 'weights_candidates', 'create_backbone',
@@ -48,7 +51,6 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file {path} does not exist; expected a .safetensors or torch state-dict file "
                                 f"(pass weights=PATH, or put <timm name>.safetensors into the folder of the settings.ini key weights_dir)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(str(path), device="cpu")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -60,7 +62,6 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 def weights_candidates(name: str, weights_dir: str | Path | None = None) -> list[Path]:
     "Where `create_backbone` looks for local weights of `name`: `<weights_dir>/<timm name or alias>.{safetensors,pth}`."
     if weights_dir is None:
-        from getam.config import setting
         weights_dir = setting("weights_dir")
     names = dict.fromkeys([resolve_name(name), name])
     return [Path(weights_dir) / f"{n}{ext}" for n in names for ext in (".safetensors", ".pth")]

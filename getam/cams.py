@@ -14,10 +14,10 @@ from .backbones import create_backbone, record_attention, vit_of
 from .utils import format_timings, time_side_by_side
 
 # %% auto #0
-__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'rank_vjps', 'class_row', 'coupling', 'fuse_layers', 'rollout',
-           'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult', 'getam_layers',
-           'normalize_maps', 'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients',
-           'ts_cam', 'cnn_cam', 'benchmark']
+__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'rank_vjps', 'class_row', 'coupling', 'normalize_maps', 'fuse_layers',
+           'rollout', 'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult', 'getam_layers',
+           'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients', 'ts_cam', 'cnn_cam',
+           'benchmark']
 
 # %% ../nbs/21_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
@@ -65,17 +65,22 @@ FUSIONS = ("sum", "product", "matmul")
 def _check_fusion(fusion: str):
     if fusion not in FUSIONS: raise ValueError(f"fusion={fusion!r}; expected one of {', '.join(FUSIONS)}")
 
-def _max_normalised(m: torch.Tensor) -> torch.Tensor:
-    mx = m.amax(-1, keepdim=True)
-    return torch.where(mx > 0, m / mx.clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
+def normalize_maps(maps: torch.Tensor, eps: float = 0.0, dim: int | tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Divide each map `[..., h, w]` by its maximum over `dim`; all-zero maps stay zero; no min shift.
+
+    `eps=0`: exactly max-normalised. `eps > 0`: `maps / (max + eps)`, the released code's rule for pseudo labels
+    (a map whose maximum is tiny stays small instead of being blown up to 1)."""
+    mx = maps.amax(dim=dim, keepdim=True)
+    if eps: return maps / (mx + eps)
+    return torch.where(mx > 0, maps / mx.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
 
 def fuse_layers(per_layer: Sequence[torch.Tensor], fusion: str = "sum") -> torch.Tensor:
     "Combine per-block maps `[..., n]` by `'sum'` (Eq. 3) or `'product'` (element-wise, each block max-normalised)."
     _check_fusion(fusion)
     if fusion == "matmul": raise ValueError("fusion='matmul' needs the full attention matrices: use maps_from_attention / getam")
     if fusion == "sum": return torch.stack(list(per_layer)).sum(0)
-    out = _max_normalised(per_layer[0])
-    for m in per_layer[1:]: out = out * _max_normalised(m)
+    out = normalize_maps(per_layer[0], dim=-1)
+    for m in per_layer[1:]: out = out * normalize_maps(m, dim=-1)
     return out
 
 def rollout(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -159,11 +164,6 @@ def getam_layers(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        grad_cls.view(L, B, C, h, w), logits.detach(), rec.layers, (h, w))
 
 # %% ../nbs/21_cams.ipynb #2596ad2d
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    "Divide each map `[..., h, w]` by its maximum (as the released code); all-zero maps stay zero. No min shift."
-    mx = maps.amax(dim=(-2, -1), keepdim=True)
-    return torch.where(mx > 0, maps / mx.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
-
 def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     "Bilinear resize of maps [B, C, h, w] to `size` (the image's (H, W))."
     return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)

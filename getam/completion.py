@@ -12,66 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import time_side_by_side, format_timings
+from .cams import normalize_maps
+from .classes import IGNORE_INDEX
+from .crf import dense_crf
+from .images import PALETTE, write_palette_png
+from .pamr import _NEIGHBOURS, _pamr_numpy, pamr
+from .utils import format_timings, time_side_by_side
 
 # %% auto #0
-__all__ = ['local_affinity', 'pamr', 'propagate', 'present_classes', 'gather_classes', 'background_channel', 'activation_argmax',
-           'binarize_saliency', 'saliency_mask', 'mining_thresholds', 'mine_high_activation', 'open_foreground',
-           'complete_labels', 'normalize_max', 'pseudo_labels', 'attention_saliency', 'crf_labels', 'crf_pseudo_labels',
-           'save_pseudo_labels', 'score_pseudo_labels', 'standin_maps', 'benchmark']
-
-# %% ../nbs/30_completion.ipynb #40463248
-_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-
-def _shifted(x: torch.Tensor, dilations: Sequence[int], center: bool = False) -> list[torch.Tensor]:
-    "Views of `x: [..., H, W]` (replicate-padded once) shifted to each neighbour at each dilation (and the centre if asked)."
-    H, W = x.shape[-2:]; P = max(dilations)
-    lead = x.shape[:-2]
-    xp = F.pad(x.reshape(-1, 1, H, W), [P] * 4, mode="replicate").reshape(*lead, H + 2 * P, W + 2 * P)
-    offs = ((0, 0),) + _NEIGHBOURS if center else _NEIGHBOURS
-    return [xp[..., P + dy * d:P + dy * d + H, P + dx * d:P + dx * d + W] for d in dilations for dy, dx in offs]
-
-# %% ../nbs/30_completion.ipynb #874008b7
-def local_affinity(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
-    "PAMR's neighbour weights for `image: [B, 3, H, W]`: softmax over the 8 neighbours of every dilation, `[8*len(dilations), B, H, W]`."
-    x = image.float()
-    win = _shifted(x, dilations, center=True)
-    mean = torch.zeros_like(x)
-    for s in win: mean += s
-    mean /= len(win)
-    var = torch.zeros_like(x)
-    for s in win: var += (s - mean).square_()
-    denom = (var / (len(win) - 1)).sqrt_().mul_(0.1).add_(1e-8)   # unbiased std, as torch.std
-    inv = denom.mul_(x.shape[1]).reciprocal_()                    # 1 / (channels * denom): the channel mean as a sum
-    nb = _shifted(x, dilations)
-    aff = x.new_empty(len(nb), x.shape[0], *x.shape[-2:])       # neighbour-major: aff[j] is contiguous
-    for j, s in enumerate(nb): torch.sum((x - s).abs_().mul_(inv), 1, out=aff[j])
-    aff.sub_(aff.amin(0)).neg_().exp_()                          # softmax of -aff over the neighbours
-    return aff.div_(aff.sum(0))
-
-# %% ../nbs/30_completion.ipynb #dc165d77
-def pamr(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10,
-         align_corners: bool = False) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (1-stage-wseg) of `masks: [B, K, h, w]` on `image: [B, 3, H, W]` -> `[B, K, H, W]`.
-
-    Masks of another size are first resized to the image (bilinear; 1-stage-wseg uses `align_corners=True`, GETAM's
-    released code resizes the maps to the crop before PAMR, so it never resizes here). Runs on the image's device, in float32."""
-    if image.ndim != 4 or masks.ndim != 4 or image.shape[0] != masks.shape[0]:
-        raise ValueError(f"pamr: expected image [B, 3, H, W] and masks [B, K, h, w] with the same B, got {tuple(image.shape)} and {tuple(masks.shape)}")
-    H, W = image.shape[-2:]
-    m = masks.to(image.device).float()
-    if m.shape[-2:] != (H, W): m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners)
-    return propagate(local_affinity(image, dilations), m, dilations, iters)
-
-def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10) -> torch.Tensor:
-    "PAMR's iterations: `masks: [B, K, H, W]` ← the `aff: [8*len(dilations), B, H, W]`-weighted sum of their neighbours, `iters` times."
-    m = masks
-    for _ in range(iters):
-        sh = _shifted(m, dilations)
-        out = sh[0] * aff[0, :, None]
-        for j in range(1, len(sh)): out.addcmul_(aff[j, :, None], sh[j])
-        m = out
-    return m
+__all__ = ['present_classes', 'gather_classes', 'background_channel', 'activation_argmax', 'binarize_saliency', 'saliency_mask',
+           'mining_thresholds', 'mine_high_activation', 'open_foreground', 'complete_labels', 'pseudo_labels',
+           'attention_saliency', 'crf_labels', 'crf_pseudo_labels', 'save_pseudo_labels', 'standin_maps', 'benchmark']
 
 # %% ../nbs/30_completion.ipynb #90bd2736
 def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +133,6 @@ def complete_labels(maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Te
     return open_foreground(pseg, opening) if opening else pseg
 
 # %% ../nbs/30_completion.ipynb #c641cfbe
-def normalize_max(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    "Divide each `[B, C]` map by its max (zeros stay zero)."
-    return maps / (maps.amax((-2, -1), keepdim=True) + eps)
-
 def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor | str,
                   refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10, **kwargs) -> torch.Tensor:
     "`image: [B, 3, H, W]`, raw `maps: [B, C, h, w]` >= 0 -> pseudo labels `[B, H, W]` (resize, PAMR on present classes, max-normalise, `complete_labels`)."
@@ -195,7 +142,7 @@ def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
     idx, ok = present_classes(labels.to(image.device))
     m = gather_classes(maps, idx)
     if refine: m = pamr(image, m, dilations, iters)  # padding slots included: one affinity per image, broadcast over its K maps
-    m = normalize_max(m.clamp(min=0)) * ok[:, :, None, None]
+    m = normalize_maps(m.clamp(min=0), eps=1e-5) * ok[:, :, None, None]
     full = torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
     if isinstance(saliency, str): kwargs.setdefault("image", image)
     return complete_labels(full, labels, saliency, **kwargs)
@@ -209,7 +156,7 @@ def attention_saliency(a_cls: torch.Tensor, image: torch.Tensor, threshold: floa
     a = a_cls.to(image.device).float().clamp(min=0)[:, None]
     a = F.interpolate(a, size=image.shape[-2:], mode="bilinear", align_corners=False)
     if refine: a = pamr(image, a, dilations, iters)
-    return (normalize_max(a)[:, 0] > threshold).long()
+    return (normalize_maps(a, eps=1e-5)[:, 0] > threshold).long()
 
 # %% ../nbs/30_completion.ipynb #89545b46
 def crf_labels(image: np.ndarray, probs, params: str | dict = "released") -> np.ndarray:
@@ -218,7 +165,6 @@ def crf_labels(image: np.ndarray, probs, params: str | dict = "released") -> np.
     `params`: `"released"` (gaussian sxy 3 compat 3; bilateral sxy 83 srgb 5 compat 4; 10 iterations), `"deeplab"`, or a
     dict overriding keys of `getam.evaluate.CRF_PARAMS["released"]` (`iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb,
     bi_compat`); the common CAM setting is `dict(bi_sxy=80, bi_srgb=13, bi_compat=10)`. Needs pydensecrf2 (`pip install pydensecrf2`)."""
-    from getam.evaluate import dense_crf  # raises an ImportError telling how to install pydensecrf2
     return dense_crf(image, probs, params).argmax(0).astype(np.int64)
 
 def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32, params: str | dict = "released") -> np.ndarray:
@@ -234,30 +180,10 @@ def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32, params
 # %% ../nbs/30_completion.ipynb #b6ddd079
 def save_pseudo_labels(labels: torch.Tensor, names: Sequence[str], out_dir: str | Path) -> list[Path]:
     "Write `labels: [B, H, W]` as palette PNGs `out_dir/{name}.png` (atomic writes)."
-    from getam.data import write_palette_png, PALETTE
     labels = torch.as_tensor(labels).cpu().numpy()
     if labels.ndim != 3 or len(labels) != len(names): raise ValueError(f"expected labels [B, H, W] and B names, got {labels.shape} and {len(names)} names")
     return [write_palette_png(Path(out_dir) / f"{n}.png", l.astype(np.uint8), PALETTE) for l, n in zip(labels, names)]
 
-def score_pseudo_labels(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, names: Sequence[str] | None = None,
-                        class_names: Sequence[str] | None = None) -> dict:
-    """Score the PNGs in `pred_dir` against `gt_dir` (same file names; `num_classes` counts background).
-
-    Returns `miou`, `iou` (per class, nan where absent), `ignored` (share of pseudo-label pixels that are 255, over pixels
-    with a valid ground truth), `n` (images) and the `ConfusionMatrix`."""
-    from getam.data import read_png
-    from getam.evaluate import ConfusionMatrix
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    if names is None: names = sorted(p.stem for p in pred_dir.glob("*.png"))
-    if not names: raise FileNotFoundError(f"{pred_dir}: no pseudo-label PNGs found")
-    cm, ign, tot = ConfusionMatrix(num_classes, class_names), 0, 0
-    for n in names:
-        gt_path = gt_dir / f"{n}.png"
-        if not gt_path.is_file(): raise FileNotFoundError(f"{gt_path}: no ground truth for pseudo label {n}.png")
-        p, g = read_png(pred_dir / f"{n}.png"), read_png(gt_path)
-        cm.update(p, g, name=n)
-        valid = g != 255; ign += int(((p == 255) & valid).sum()); tot += int(valid.sum())
-    return dict(miou=cm.miou(), iou=cm.iou(), ignored=ign / max(tot, 1), n=len(names), cm=cm)
 
 # %% ../nbs/30_completion.ipynb #df09fc12
 def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma: float = 3.0, seed: int = 0) -> torch.Tensor:
@@ -272,26 +198,9 @@ def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma
     blur = F.conv2d(F.pad(oh.reshape(-1, 1, H, W), [r, r, 0, 0], mode="replicate"), k.view(1, 1, 1, -1))
     blur = F.conv2d(F.pad(blur, [0, 0, r, r], mode="replicate"), k.view(1, 1, -1, 1)).view(B, num_classes, H, W)
     noise = F.interpolate(torch.rand(B, num_classes, 4, 4, generator=g), size=(H, W), mode="bilinear", align_corners=False)
-    return normalize_max(blur * (0.6 + 0.8 * noise)).clamp(0, 1)
+    return normalize_maps(blur * (0.6 + 0.8 * noise), eps=1e-5).clamp(0, 1)
 
 # %% ../nbs/30_completion.ipynb #f527d508
-def _pamr_numpy(image: np.ndarray, masks: np.ndarray, dilations=(1, 2, 4, 8, 12, 24), iters: int = 10) -> np.ndarray:
-    "PAMR for one image as in 1-stage-wseg, in NumPy: `image [3, H, W]`, `masks [K, H, W]`."
-    def stack(x, center):   # [..., P, H, W]: the shifted copies, dilation by dilation, replicate padding
-        H, W = x.shape[-2:]; out = []
-        for d in dilations:
-            xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(d, d), (d, d)], mode="edge")
-            for dy, dx in (((0, 0),) if center else ()) + _NEIGHBOURS:
-                out.append(xp[..., d + dy * d:d + dy * d + H, d + dx * d:d + dx * d + W])
-        return np.stack(out, -3)
-    x = image.astype(np.float32)
-    std = stack(x, True).std(-3, ddof=1, keepdims=True)
-    aff = (-np.abs(x[:, None] - stack(x, False)) / (1e-8 + 0.1 * std)).mean(0)
-    aff = np.exp(aff - aff.max(0, keepdims=True)); aff /= aff.sum(0, keepdims=True)
-    m = masks.astype(np.float32)
-    for _ in range(iters): m = (stack(m, False) * aff[None]).sum(1)
-    return m
-
 def _complete_numpy(image, maps, labels, saliency, gamma=32, alpha=0.9):
     "The per-image loop: PAMR, max-normalise, background, argmax, Eq. 4, then per class sort + threshold (Eq. 5)."
     out = []

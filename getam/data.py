@@ -14,86 +14,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from .classes import COCO_CLASSES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SYNTH_CLASSES, VOC_CLASSES, norm_stats
+from .images import PALETTE, read_image, read_png, write_palette_png, write_png
 from .utils import atomic_path
+from .config import setting
+from fastprogress.fastprogress import progress_bar
+
 
 # %% auto #0
-__all__ = ['VOC_CLASSES', 'COCO_CLASSES', 'IGNORE_INDEX', 'PALETTE', 'VOC_PALETTE', 'COCO_PALETTE', 'DATASETS', 'DENSE_FILL',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'color_map', 'read_png', 'read_image', 'write_palette_png', 'write_png',
-           'write_jpeg', 'VOCDataset', 'coco_class_mask', 'COCODataset', 'load_dataset', 'Compose',
-           'RandomLongSideResize', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop', 'norm_stats',
-           'Normalize', 'denormalize', 'train_transform', 'eval_transform', 'collate', 'voc_cls_labels', 'coco_masks',
-           'main']
-
-# %% ../nbs/10_data.ipynb #902d6671
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-COCO_CLASSES = ["background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
-IGNORE_INDEX = 255
-
-def color_map(n: int = 256) -> np.ndarray:
-    "The PASCAL VOC colour map: uint8 `[n, 3]`, index `i`'s bits spread over R, G, B from the most significant bit down."
-    cmap = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):
-            for k in range(3): rgb[k] |= ((c >> k) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = rgb
-    return cmap
-
-PALETTE = color_map(256)
-VOC_PALETTE, COCO_PALETTE = PALETTE, PALETTE  # 21 and 81 classes use the first entries; 255 is the ignore colour
-
-# %% ../nbs/10_data.ipynb #63c25f66
-def _open(path: Path):
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
-    try:
-        im = Image.open(path); im.load(); return im
-    except Exception as e:
-        raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); expected a readable JPEG or PNG file") from e
-
-def read_png(path: str | Path) -> np.ndarray:
-    "A PNG as uint8: `[H, W]` indices for single-channel and palette PNGs (the palette is not applied), `[H, W, 3]` for RGB."
-    im = _open(path)
-    if im.mode in ("P", "L"): return np.asarray(im, dtype=np.uint8).copy()
-    if im.mode in ("I", "I;16", "1"): return np.asarray(im).astype(np.uint8)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-def read_image(path: str | Path) -> torch.Tensor:
-    "An RGB image as a uint8 tensor `[3, H, W]`; a corrupt file raises an error naming it."
-    im = _open(path)
-    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-def write_palette_png(path: str | Path, mask, palette: np.ndarray = PALETTE) -> Path:
-    "Write class indices `[H, W]` (0..255) as a palette PNG (VOC's `SegmentationClass` format), atomically."
-    m = np.asarray(mask)
-    if m.ndim != 2 or m.min(initial=0) < 0 or m.max(initial=0) > 255: raise ValueError(f"{path}: expected a [H, W] mask with values in 0..255, got shape {m.shape}")
-    im = Image.fromarray(m.astype(np.uint8), mode="P")
-    pal = np.zeros((256, 3), np.uint8); p = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]; pal[:len(p)] = p
-    im.putpalette(pal.flatten().tolist())
-    with atomic_path(path) as t: im.save(t, format="PNG")
-    return Path(path)
-
-def write_png(path: str | Path, array) -> Path:
-    "Write a uint8 `[H, W]` (single channel, e.g. `SegmentationClassAug`, saliency) or `[H, W, 3]` array as PNG, atomically."
-    a = np.asarray(array)
-    if a.dtype != np.uint8: raise ValueError(f"{path}: expected a uint8 array, got {a.dtype}")
-    with atomic_path(path) as t: Image.fromarray(a).save(t, format="PNG")
-    return Path(path)
-
-def write_jpeg(path: str | Path, image, quality: int = 90, subsampling: int = 2) -> Path:
-    "Write a uint8 `[H, W, 3]` array (or `[3, H, W]` tensor) as JPEG, atomically (`subsampling=0`: full-resolution colour)."
-    a = image.permute(1, 2, 0).numpy() if torch.is_tensor(image) else np.asarray(image)
-    with atomic_path(path) as t: Image.fromarray(a.astype(np.uint8)).save(t, format="JPEG", quality=quality, subsampling=subsampling)
-    return Path(path)
+__all__ = ['DATASETS', 'DENSE_FILL', 'VOCDataset', 'coco_class_mask', 'COCODataset', 'load_dataset', 'Compose',
+           'RandomLongSideResize', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop', 'Normalize',
+           'denormalize', 'train_transform', 'eval_transform', 'collate', 'voc_cls_labels', 'coco_masks', 'main']
 
 # %% ../nbs/10_data.ipynb #a43572cc
 def _missing(path: Path, expected: str, key: str | None) -> FileNotFoundError:
@@ -246,11 +177,9 @@ def load_dataset(name: str, root=None, split: str = "train", saliency_root=None,
     "The data set `name` (one of `DATASETS`) at `root` (default: `{name}_root` from settings.ini) as a `Dataset` of dict items."
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if root is None:
-        from getam.config import setting
         root = setting(f"{name}_root")
     if name == "coco": return COCODataset(root, split, saliency_root, transform, **kwargs)
     if name == "voc": return VOCDataset(root, split, saliency_root, transform, **kwargs)
-    from getam.synth import SYNTH_CLASSES
     return VOCDataset(root, split, saliency_root, transform, class_names=SYNTH_CLASSES, root_key="synth_root",
                       saliency_key="synth_saliency_root", what="SynthVOC (generate it with `python -m getam.synth --out ROOT`)", **kwargs)
 
@@ -332,13 +261,6 @@ class CenterCrop:
     def __repr__(self): return f"CenterCrop({self.size})"
 
 # %% ../nbs/10_data.ipynb #a57b0010
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-def norm_stats(model=None) -> tuple[tuple, tuple]:
-    "(mean, std) of a timm model's `pretrained_cfg`, ImageNet's when it has none."
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(getattr(model, "backbone", None), "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-
 class Normalize:
     "uint8 image → float32 `(x/255 - mean) / std` (ImageNet mean/std unless given; pass a model's `norm_stats`)."
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
@@ -379,7 +301,6 @@ def collate(items: list[dict]) -> dict:
 def voc_cls_labels(root, splits: Sequence[str] = ("train_aug", "train", "val"), out=None, progress: bool = True,
                    class_names: Sequence[str] = VOC_CLASSES) -> Path:
     "Build `root/cls_labels.npy` (or `out`) from `root/Annotations/{id}.xml` for every id of `splits` that exist."
-    from fastprogress.fastprogress import progress_bar
     root = Path(root); seg = root / "ImageSets" / "Segmentation"
     if not root.is_dir(): raise _missing(root, "the PASCAL VOC 2012 folder (Annotations/, ImageSets/Segmentation/)", "voc_root")
     files = [seg / f"{s}.txt" for s in splits if (seg / f"{s}.txt").is_file()]
@@ -405,7 +326,6 @@ def voc_cls_labels(root, splits: Sequence[str] = ("train_aug", "train", "val"), 
 # %% ../nbs/10_data.ipynb #95afc64e
 def coco_masks(root, split: str = "train2014", progress: bool = True, overwrite: bool = False) -> Path:
     "Write the class mask PNG and multi-hot label of every image of `split`; returns the mask folder."
-    from fastprogress.fastprogress import progress_bar
     ds = COCODataset(root, split, skip_unlabelled=False)
     out = ds.root / "SegmentationClass" / split; out.mkdir(parents=True, exist_ok=True)
     labels = {}
@@ -430,7 +350,6 @@ def main(argv: list[str] | None = None):
     v.add_argument("--root", default=None, help="VOC root (default: voc_root of settings.ini)")
     v.add_argument("--splits", nargs="+", default=["train_aug", "train", "val"]); v.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    from getam.config import setting
     if a.cmd == "coco-masks": print(coco_masks(a.root or setting("coco_root"), a.split, overwrite=a.overwrite))
     else: print(voc_cls_labels(a.root or setting("voc_root"), a.splits, a.out))
 

@@ -4,23 +4,23 @@
 
 # %% ../nbs/60_deeplab.ipynb #a81d3aa9
 from __future__ import annotations
-import argparse, json, math, time
+import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from safetensors.torch import load_file, save_file
 
-from .utils import atomic_path, seed_everything
+from .backbones import load_weights_file
+from .classes import IMAGENET_MEAN, IMAGENET_STD
+from .utils import atomic_path
+
 
 # %% auto #0
-__all__ = ['BACKBONES', 'IMAGENET_MEAN', 'IMAGENET_STD', 'load_weights_file', 'dilated_resnet', 'ASPP', 'DeepLabV2',
-           'PseudoLabelDataset', 'poly_lr', 'make_optimizer', 'train_step', 'save_deeplab', 'checkpoint_config',
-           'load_deeplab', 'train_deeplab', 'main']
+__all__ = ['BACKBONES', 'dilated_resnet', 'ASPP', 'DeepLabV2', 'save_deeplab', 'checkpoint_config', 'load_deeplab']
 
 # %% ../nbs/60_deeplab.ipynb #7e034852
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -33,16 +33,6 @@ def _dilate_basic(layer: nn.Sequential, dilation: int, prev: int) -> None:
             conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
         if block.downsample is not None: block.downsample[0].stride = (1, 1)
         block.stride = 1
-
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    "A state dict from a local `.safetensors` or `.pth`/`.pt` file (loaded with `weights_only=True`)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: not found; expected a local ResNet state dict (.pth or .safetensors), e.g. in weights_dir of settings.ini (no downloads)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 def dilated_resnet(name: str = "resnet101", weights: str | Path | None = None) -> nn.Module:
     "A torchvision ResNet with output stride 8 (stages 3–4 dilated 2 and 4), without its pooling and classifier."
@@ -107,61 +97,6 @@ class DeepLabV2(nn.Module):
         bb = [p for p in self.backbone.parameters() if p.requires_grad]
         return [dict(params=bb, lr=lr, initial_lr=lr), dict(params=list(self.head.parameters()), lr=lr * head_mult, initial_lr=lr * head_mult)]
 
-# %% ../nbs/60_deeplab.ipynb #d32c324a
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-class PseudoLabelDataset(Dataset):
-    "Items of `base` (uint8 `image`, `name`) with `mask` replaced by `pseudo_dir/{name}.png`, augmented for training."
-    def __init__(self, base, pseudo_dir: str | Path, crop_size: int = 321, scale_range=(0.5, 1.5), flip: bool = True,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.base, self.pseudo_dir, self.crop_size, self.scale_range, self.flip = base, Path(pseudo_dir), crop_size, scale_range, flip
-        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-        if not self.pseudo_dir.is_dir(): raise FileNotFoundError(f"{self.pseudo_dir}: not found; expected a folder of pseudo-label PNGs, one {{name}}.png per training image")
-    def __len__(self): return len(self.base)
-
-    def __getitem__(self, i):
-        from getam.data import read_png
-        item = self.base[i]; name = str(item["name"])
-        p = self.pseudo_dir / f"{name}.png"
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no pseudo label for training image {name!r}; expected one {{name}}.png per image of the split")
-        mask = torch.from_numpy(read_png(p).astype(np.int64))
-        img = item["image"]
-        if mask.ndim != 2 or tuple(mask.shape) != tuple(img.shape[-2:]):
-            raise ValueError(f"{p}: pseudo label of shape {tuple(mask.shape)}, expected a single-channel label map of the image size {tuple(img.shape[-2:])}")
-        return self.augment(img, mask, name)
-
-    def augment(self, img: torch.Tensor, mask: torch.Tensor, name: str) -> dict:
-        H, W = img.shape[-2:]
-        s = float(torch.empty(()).uniform_(*self.scale_range))
-        h, w = max(1, round(H * s)), max(1, round(W * s))
-        x = F.interpolate(img[None].float() / 255, size=(h, w), mode="bilinear", align_corners=False)[0]
-        m = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-        if self.flip and torch.rand(()) < 0.5: x, m = x.flip(-1), m.flip(-1)
-        x = (x - self.mean) / self.std
-        c = self.crop_size; Hp, Wp = max(h, c), max(w, c)
-        xp = torch.zeros(3, Hp, Wp); mp = torch.full((Hp, Wp), 255, dtype=torch.long)
-        xp[:, :h, :w], mp[:h, :w] = x, m
-        y0, x0 = int(torch.randint(0, Hp - c + 1, ())), int(torch.randint(0, Wp - c + 1, ()))
-        return dict(image=xp[:, y0:y0 + c, x0:x0 + c].contiguous(), mask=mp[y0:y0 + c, x0:x0 + c].contiguous(), name=name)
-
-# %% ../nbs/60_deeplab.ipynb #e204051d
-def poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: float = 0.9) -> float:
-    "Set every group's lr to `initial_lr · (1 − it/max_it)^power`; returns the first group's."
-    f = (1 - min(it, max_it) / max_it) ** power
-    for g in optimizer.param_groups: g["lr"] = g["initial_lr"] * f
-    return optimizer.param_groups[0]["lr"]
-
-def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, head_mult: float = 10.0):
-    return torch.optim.SGD(model.param_groups(lr, head_mult), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor, mask: torch.Tensor) -> float:
-    "One SGD step on a batch (`image: [B,3,H,W]` normalised, `mask: [B,H,W]` with 255 ignored); returns the loss."
-    model.train()
-    loss = F.cross_entropy(model(image), mask, ignore_index=255)
-    if not torch.isfinite(loss): raise FloatingPointError(f"loss is {loss.item()}; stopping (the last checkpoint is kept)")
-    optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
-    return float(loss.detach())
-
 # %% ../nbs/60_deeplab.ipynb #606bb330
 def _paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
@@ -170,7 +105,6 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_deeplab(model: DeepLabV2, path: str | Path, **state) -> Path:
     "Write `path` (a .safetensors file, or a folder → `model.safetensors`) and its `.json` config, atomically."
-    from safetensors.torch import save_file
     wpath, cpath = _paths(path)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(wpath) as t: save_file(sd, str(t))
@@ -184,7 +118,6 @@ def checkpoint_config(path: str | Path) -> dict:
 
 def load_deeplab(path: str | Path, device="cpu") -> tuple[DeepLabV2, dict]:
     "Rebuild a DeepLabV2 from `save_deeplab`'s files; returns `(model in eval mode, config)`."
-    from safetensors.torch import load_file
     wpath, cpath = _paths(path)
     if not wpath.is_file() or not cpath.is_file(): raise FileNotFoundError(f"{wpath}: expected a DeepLab v2 checkpoint (.safetensors with its .json beside it)")
     cfg = json.loads(cpath.read_text())
@@ -192,80 +125,3 @@ def load_deeplab(path: str | Path, device="cpu") -> tuple[DeepLabV2, dict]:
     model = DeepLabV2(cfg["num_classes"], cfg["backbone"], rates=cfg.get("rates", (6, 12, 18, 24)), freeze_bn=cfg.get("freeze_bn", False))
     model.load_state_dict(load_file(str(wpath)))
     return model.to(device).eval(), cfg
-
-# %% ../nbs/60_deeplab.ipynb #0723c2fd
-def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str | Path | None = None,
-                  backbone: str = "resnet101", weights: str | Path | None = None, epochs: int = 20,
-                  batch_size: int = 10, crop_size: int = 321, lr: float = 2.5e-4, momentum: float = 0.9,
-                  weight_decay: float = 5e-4, head_mult: float = 10.0, scale_range=(0.5, 1.5),
-                  train_split: str = "train_aug", val_split: str | None = "val", eval_scales="common",
-                  flip: bool = True, crf: str | None = "released", device="auto", seed: int = 0,
-                  out_dir: str | Path = "runs/deeplab", num_workers: int = 0, processes: int = 2,
-                  max_steps: int | None = None, eval_limit: int | None = None, progress: bool = True) -> dict:
-    "Train DeepLab v2 on a folder of pseudo labels, evaluate it; returns (and writes `out_dir/metrics.json`) the metrics."
-    from fastprogress.fastprogress import master_bar, progress_bar
-    from getam.config import resolve_device
-    from getam.data import load_dataset
-    from getam.evaluate import evaluate_model, metrics
-    seed_everything(seed); device = resolve_device(device); out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    base = load_dataset(dataset, data_root, train_split)
-    ds = PseudoLabelDataset(base, pseudo_dir, crop_size, scale_range)
-    g = torch.Generator().manual_seed(seed)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size, num_workers=num_workers, generator=g)
-    model = DeepLabV2(len(base.class_names), backbone, weights).to(device)
-    opt = make_optimizer(model, lr, momentum, weight_decay, head_mult)
-    max_it = epochs * len(dl) if max_steps is None else min(max_steps, epochs * len(dl))
-    it, log, t0 = 0, [], time.time()
-    mb = master_bar(range(epochs)) if progress else range(epochs)
-    for epoch in mb:
-        losses = []
-        for b in (progress_bar(dl, parent=mb, leave=False) if progress else dl):
-            if it >= max_it: break
-            cur = poly_lr(opt, it, max_it)
-            losses.append(train_step(model, opt, b["image"].to(device), b["mask"].to(device))); it += 1
-        log.append(dict(epoch=epoch + 1, step=it, loss=float(np.mean(losses)) if losses else None, lr=cur, seconds=round(time.time() - t0, 1)))
-        if progress: mb.write(f"epoch {epoch + 1}: loss {log[-1]['loss']:.4f}  lr {cur:.2e}")
-        save_deeplab(model, out_dir / "model.safetensors", epoch=epoch + 1, step=it, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-        if it >= max_it: break
-    res = dict(dataset=dataset, pseudo_dir=str(pseudo_dir), backbone=backbone, epochs=epochs, steps=it,
-               batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed, train_seconds=round(time.time() - t0, 1), log=log)
-    if val_split:
-        val = load_dataset(dataset, data_root, val_split)
-        cms = evaluate_model(model.eval(), val, class_names=val.class_names, scales=eval_scales, flip=flip, crf=crf,
-                             device=device, processes=processes, limit=eval_limit, progress=progress)
-        res.update(val_split=val_split, eval_scales=str(eval_scales), crf=crf, metrics=metrics(cms))
-    with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
-    return res
-
-# %% ../nbs/60_deeplab.ipynb #829fed4d
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m getam.deeplab", description="Train DeepLab v2 on a folder of pseudo labels (multi-stage route) and evaluate it")
-    p.add_argument("--pseudo-dir", required=True, help="folder of pseudo-label PNGs, one {name}.png per training image (255 = ignore)")
-    p.add_argument("--dataset", default=None, help="voc | coco | synth (default: settings.ini `dataset`)")
-    p.add_argument("--data-root", default=None, help="default: settings.ini `{dataset}_root`")
-    p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
-    p.add_argument("--weights", default=None, help="local torchvision ResNet ImageNet weights (.pth/.safetensors); none downloaded")
-    p.add_argument("--epochs", type=int, default=20); p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--crop-size", type=int, default=321); p.add_argument("--lr", type=float, default=2.5e-4)
-    p.add_argument("--head-mult", type=float, default=10.0, help="lr multiplier of the ASPP head (10 with ImageNet weights; 1 is stabler from scratch)")
-    p.add_argument("--train-split", default="train_aug"); p.add_argument("--val-split", default="val")
-    p.add_argument("--scales", default="common", help="evaluation scales: common | released | single | '0.5 1 1.5'")
-    p.add_argument("--no-flip", dest="flip", action="store_false"); p.add_argument("--crf", default="released", help="released | deeplab | none")
-    p.add_argument("--device", default="auto"); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default: {runs_dir}/deeplab"); p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--processes", type=int, default=2, help="CRF worker processes")
-    return p
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    a = _parser().parse_args(argv)
-    from getam.config import setting
-    out = a.out_dir or str(Path(setting("runs_dir")) / "deeplab")
-    res = train_deeplab(a.pseudo_dir, a.dataset or setting("dataset"), a.data_root, a.backbone, a.weights, a.epochs, a.batch_size,
-                        a.crop_size, a.lr, head_mult=a.head_mult, train_split=a.train_split, val_split=a.val_split or None, eval_scales=a.scales,
-                        flip=a.flip, crf=None if a.crf == "none" else a.crf, device=a.device, seed=a.seed, out_dir=out,
-                        num_workers=a.num_workers, processes=a.processes)
-    for k, v in res.get("metrics", {}).items(): print(f"{k:>14}: mIoU {v['miou']:.2f}")
-    return res
-
-# %% ../nbs/60_deeplab.ipynb #5b94518d
-if __name__ == "__main__": main()

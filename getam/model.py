@@ -11,6 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
+from .backbones import create_backbone
+
+
 # %% auto #0
 __all__ = ['default_hooks', 'Readout', 'resample', 'Reassemble', 'ResidualConvUnit', 'FusionBlock', 'DPTDecoder',
            'GetamSegmenter']
@@ -111,16 +114,10 @@ def _hybrid_stages(vit: nn.Module) -> list[nn.Module] | None:
     return list(stages)[:2] if stages is not None and len(stages) >= 3 else None
 
 def _build_backbone(backbone: str, num_classes: int, img_size: int, pretrained: bool, weights, cls_head: str, **kw) -> nn.Module:
-    "A timm ViT through getam.backbones when it is there (local weights, hybrid handling), else timm directly."
+    "A timm ViT through `getam.backbones.create_backbone` (local weights, hybrid handling)."
     pool = {"token": "token", "pooled": "avg"}[cls_head]
-    try: from getam.backbones import create_backbone
-    except ImportError: create_backbone = None
-    if create_backbone is not None:
-        return create_backbone(backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained, weights=weights,
-                               global_pool=pool, **kw)
-    if pretrained or weights: raise ValueError("pretrained weights need getam.backbones (not importable here)")
-    return timm.create_model(backbone, pretrained=False, num_classes=num_classes, img_size=img_size,
-                             dynamic_img_size=True, global_pool=pool, **kw)
+    return create_backbone(backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained, weights=weights,
+                           global_pool=pool, **kw)
 
 # %% ../nbs/50_model.ipynb #fee85a7e
 class GetamSegmenter(nn.Module):

@@ -4,27 +4,41 @@
 
 # %% ../nbs/80_reproduce.ipynb #c92b35fe
 from __future__ import annotations
-import argparse, dataclasses, hashlib, json, os, shutil, sys, time
+import argparse, dataclasses, hashlib, json, multiprocessing as mp, os, shutil, sys, time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
+from fastprogress.fastprogress import progress_bar
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .backbones import tiny_backbone
+from .classes import norm_stats
+from .classify import TensorItems, multilabel_f1, train_classifier
+from .completion import pseudo_labels
 from .config import get_settings
 from .data import LongSideResize, Normalize, load_dataset
+from .metrics import ConfusionMatrix
+from .multistage import train_deeplab
+from .synth import ensure_synthvoc
+from .train import TrainConfig, build_model, make_config, resolve_paths, train
 from .utils import atomic_path, seed_everything
+from .widgets import overlay
+
 
 # %% auto #0
-__all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPOCHS', 'BACKBONES', 'DEEPLAB',
-           'reproduce_notebooks', 'runs_root', 'dataset_root', 'load_split', 'stack_items', 'vit_classifier',
-           'cnn_classifier', 'train_classifier', 'multilabel_f1', 'checkpoint_path', 'classifier', 'classifier_info',
-           'run_config_diff', 'load_run', 'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root',
-           'coco_run', 'oracle_run', 'backbone_overrides', 'backbone_run', 'trained_deeplab', 'deeplab_run',
-           'maps_to_labels', 'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row',
-           'SharedJob', 'shared_jobs', 'train_shared', 'run_reproduce', 'main']
+__all__ = ['KINDS', 'CLASSIFIER_EPOCHS', 'RUNTIME_FIELDS', 'QUICK', 'REDUCED_EPOCHS', 'BACKBONES', 'DEEPLAB', 'NEEDS',
+           'JOB_FUNCTIONS', 'reproduce_notebooks', 'runs_root', 'dataset_root', 'load_split', 'stack_items',
+           'vit_classifier', 'cnn_classifier', 'checkpoint_path', 'classifier', 'classifier_info', 'run_config_diff',
+           'load_run', 'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root', 'coco_run',
+           'oracle_run', 'backbone_overrides', 'backbone_run', 'trained_deeplab', 'deeplab_run', 'maps_to_labels',
+           'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row', 'SharedJob', 'shared_jobs',
+           'train_shared', 'run_reproduce', 'main']
 
 # %% ../nbs/80_reproduce.ipynb #ca04bca9
 KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
@@ -53,10 +67,7 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
 def dataset_root(dataset: str = "synth", root: str | Path | None = None) -> Path:
     "The data root (`{dataset}_root` of settings.ini unless given); SynthVOC is generated there on first use."
     root = Path(root or get_settings()[f"{dataset}_root"])
-    if dataset == "synth" and not (root / "ImageSets" / "Segmentation" / "train.txt").is_file():
-        from getam.synth import make_synthvoc
-        make_synthvoc(root, seed=0)
-    return root
+    return ensure_synthvoc(root) if dataset == "synth" else root
 
 def load_split(dataset: str = "synth", split: str = "train", size: int | None = 64, root=None, saliency: bool = True):
     "The split as a getam.data dataset of uint8 images resized to long side `size` (masks and saliency too)."
@@ -76,47 +87,12 @@ def stack_items(ds, limit: int | None = None) -> dict:
 # %% ../nbs/80_reproduce.ipynb #0550e73a
 def vit_classifier(num_classes: int, size: int = 64) -> nn.Module:
     "The small ViT of the reproduce notebooks: timm VisionTransformer, patch 8, width 64, 6 blocks, 2 heads."
-    from getam.backbones import tiny_backbone
     return tiny_backbone(num_classes=num_classes, img_size=size, patch_size=8, embed_dim=64, depth=6, num_heads=2)
 
 def cnn_classifier(num_classes: int) -> nn.Module:
     "The CNN of the CAM baselines: timm `resnet10t` (GAP + linear classifier), output stride 8."
-    import timm
     return timm.create_model("resnet10t", pretrained=False, num_classes=num_classes, output_stride=8)
 
-def train_classifier(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int = 10, batch_size: int = 32,
-                     lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0, progress: bool = True) -> list[float]:
-    "Multi-label soft-margin training on normalised images `x` [N,3,H,W] with random flips; AdamW, cosine lr. Returns epoch losses."
-    from fastprogress.fastprogress import master_bar, progress_bar
-    seed_everything(seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    model.train(); losses = []
-    mb = master_bar(range(epochs)) if progress else range(epochs)
-    for _ in mb:
-        perm, tot = torch.randperm(len(x), generator=g), 0.
-        batches = range(0, len(x), batch_size)
-        for i in (progress_bar(batches, parent=mb) if progress else batches):
-            idx = perm[i:i + batch_size]
-            xb = x[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            loss = F.multilabel_soft_margin_loss(model(xb), labels[idx])
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-            tot += loss.item() * len(idx)
-        losses.append(tot / len(x))
-        if progress: mb.main_bar.comment = f"loss {losses[-1]:.3f}"
-    return losses
-
-@torch.no_grad()
-def multilabel_f1(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
-    "Micro F1 of `logit > 0` against the multi-hot labels."
-    model.eval()
-    pred = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) > 0
-    tp = (pred & (labels > 0)).sum().item()
-    return 2 * tp / max(1, pred.sum().item() + (labels > 0).sum().item())
 
 # %% ../nbs/80_reproduce.ipynb #57ecd9c7
 CLASSIFIER_EPOCHS = {"vit": 60, "cnn": 12}
@@ -127,7 +103,6 @@ def checkpoint_path(kind: str = "vit", dataset: str = "synth", size: int = 64, r
 def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path | None = None, size: int = 64,
                epochs: int | None = None, root=None, runs_dir=None, progress: bool = True, threads: int | None = None) -> nn.Module:
     "The shared `kind` ('vit' | 'cnn') classifier of `dataset` in eval mode: loaded from `checkpoint` / the shared file, trained once if missing."
-    from safetensors.torch import load_file, save_file
     if kind not in ("vit", "cnn"): raise ValueError(f"kind={kind!r}; expected 'vit' or 'cnn'")
     path = Path(checkpoint) if checkpoint else checkpoint_path(kind, dataset, size, runs_dir)
     ds = load_split(dataset, "train", size, root, saliency=False)
@@ -142,7 +117,7 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
     if threads: torch.set_num_threads(threads)
     t0 = time.time()
     tr, va = stack_items(ds), stack_items(load_split(dataset, "val", size, root, saliency=False))
-    losses = train_classifier(model, tr["x"], tr["label"], epochs or CLASSIFIER_EPOCHS[kind], progress=progress)
+    losses = train_classifier(model, TensorItems(tr["x"], tr["label"]), epochs or CLASSIFIER_EPOCHS[kind], progress=progress)["epoch_loss"]
     info = dict(kind=kind, dataset=dataset, size=size, epochs=len(losses), train_images=len(tr["x"]), losses=[round(l, 4) for l in losses],
                 train_f1=round(multilabel_f1(model, tr["x"], tr["label"]), 4), val_f1=round(multilabel_f1(model, va["x"], va["label"]), 4),
                 seconds=round(time.time() - t0, 1))
@@ -171,9 +146,6 @@ def run_config_diff(cfg, recorded: dict) -> dict:
 
 def load_run(out_dir: str | Path) -> dict:
     "A finished `getam.train` run folder: `model` (eval mode, CPU), `metrics` (its metrics.json), `cfg` (TrainConfig), `out_dir`, input `mean`/`std`."
-    from safetensors.torch import load_file
-    from getam.data import norm_stats
-    from getam.train import TrainConfig, build_model
     out_dir = Path(out_dir)
     for f in ("metrics.json", "model.safetensors"):
         if not (out_dir / f).is_file(): raise FileNotFoundError(f"{out_dir / f}: not found; expected a finished getam.train run folder (metrics.json + model.safetensors)")
@@ -190,7 +162,6 @@ def load_run(out_dir: str | Path) -> dict:
 def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
     """The end-to-end run of `make_config(preset="synth", dataset=dataset, **overrides)` in `{runs_dir}/reproduce/train/{name}`: trained once
     with `getam.train.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s dict plus `trained` (bool)."""
-    from getam.train import make_config, train
     if not name or name in (".", "..") or Path(name).name != name: raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
     out_dir = runs_root(runs_dir) / "train" / name
     data_root = dataset_root(dataset, root)
@@ -224,7 +195,6 @@ def main_run(dataset: str = "synth", quick: bool = False, **kw) -> dict:
 def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False, tag: str | None = None,
                 root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
     "The synth preset with `backbone` (None: the preset's) for `epochs` epochs (`QUICK` with `quick`), run `{tag or dataset}-{backbone}-e{epochs}` (Tables 4, 6)."
-    from getam.train import make_config
     bb = make_config(preset="synth", backbone=backbone).backbone
     budget = QUICK if quick else dict(epochs=int(epochs))
     name = run_name(tag or dataset, bb, quick=True) if quick else run_name(tag or dataset, bb, f"e{epochs}")
@@ -233,7 +203,6 @@ def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int
 
 def synth_coco_root(root=None) -> Path:
     "SynthVOC in COCO format (the same seed, sizes and images as the VOC-layout SynthVOC), generated once at `root` (default `{synth_root}-coco`)."
-    from getam.synth import ensure_synthvoc
     voc = dataset_root("synth")
     meta = json.loads((voc / "synthvoc.json").read_text()) if (voc / "synthvoc.json").is_file() else {}
     return ensure_synthvoc(Path(root) if root else voc.with_name(voc.name + "-coco"), fmt="coco",
@@ -254,7 +223,6 @@ BACKBONES = {"ViT": "vit_tiny_patch16_224", "ViT-Hybrid": "vit_tiny_r_s16_p8_224
 def backbone_overrides(backbone: str) -> dict:
     """Table 4's overrides for `backbone`: none for a plain ViT; for a hybrid (a CNN stem before the patch embedding) the patch size
     that keeps the preset ViT's token size in pixels, and GETAM on the last half of its blocks (the paper's choice for ViT-Hybrid)."""
-    from getam.train import build_model, make_config
     cfg = make_config(preset="synth", backbone=backbone)
     with torch.random.fork_rng(devices=[]): vit = build_model(cfg, 2).backbone    # leaves the caller's random state alone
     stem_net = getattr(vit.patch_embed, "backbone", None)
@@ -274,11 +242,6 @@ def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resn
                     runs_dir=None, progress: bool = True, seed: int = 0) -> dict:
     """DeepLab v2 trained for `steps` steps on the pseudo labels of the end-to-end `run` (a `trained_run` dict) and evaluated on its val split
     (`scales`, `flip`, `crf` as `getam.evaluate.evaluate_model`); cached in `{runs_dir}/reproduce/train/{name}`. Returns the metrics dict."""
-    from fastprogress.fastprogress import progress_bar
-    from torch.utils.data import DataLoader, Subset
-    from getam import deeplab as DL
-    from getam.evaluate import evaluate_model, metrics
-    from getam.train import resolve_paths
     cfg, src = run["cfg"], Path(run["out_dir"])
     key = _jsonable(dict(source=str(src), source_digest=hashlib.sha1((src / "metrics.json").read_bytes()).hexdigest(), steps=steps, backbone=backbone,
                          batch_size=batch_size, crop_size=crop_size, lr=lr, head_mult=head_mult, scales=scales, flip=flip, crf=crf, seed=seed))
@@ -286,23 +249,12 @@ def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resn
     if (out_dir / "metrics.json").is_file() and (m := json.loads((out_dir / "metrics.json").read_text())).get("key") == key: return m
     if out_dir.exists(): shutil.rmtree(out_dir)
     paths = resolve_paths(cfg)
-    base = load_dataset(cfg.dataset, paths["root"], paths["train_split"])
-    seed_everything(seed)
-    ds = DL.PseudoLabelDataset(Subset(base, range(min(len(base), cfg.limit_train or len(base)))), src / "pseudo_labels", crop_size)  # the labelled ones
-    dl = DataLoader(ds, batch_size, shuffle=True, drop_last=len(ds) >= batch_size, generator=torch.Generator().manual_seed(seed))
-    model = DL.DeepLabV2(len(base.class_names), backbone)
-    opt = DL.make_optimizer(model, lr, head_mult=head_mult)
-    t0, losses, batches = time.time(), [], iter(())
-    for it in (progress_bar(range(steps)) if progress else range(steps)):
-        b = next(batches, None)
-        if b is None: batches = iter(dl); b = next(batches)
-        DL.poly_lr(opt, it, steps)
-        losses.append(DL.train_step(model, opt, b["image"], b["mask"]))
-    res = dict(key=key, steps=steps, n_train=len(ds), final_loss=float(np.mean(losses[-8:])), train_s=round(time.time() - t0, 1))
-    DL.save_deeplab(model, out_dir / "model.safetensors", steps=steps)
-    val, t0 = load_dataset(cfg.dataset, paths["root"], paths["val_split"]), time.time()
-    cms = evaluate_model(model.eval(), val, class_names=val.class_names, scales=scales, flip=flip, crf=crf, processes=1, limit=cfg.limit_val, progress=progress)
-    res.update(n_val=min(len(val), cfg.limit_val or len(val)), eval_s=round(time.time() - t0, 1), metrics=metrics(cms))
+    r = train_deeplab(src / "pseudo_labels", cfg.dataset, paths["root"], backbone, epochs=steps, batch_size=batch_size, crop_size=crop_size,
+                      lr=lr, head_mult=head_mult, scale_range=(0.5, 1.5), train_split=paths["train_split"], val_split=paths["val_split"],
+                      eval_scales=scales, flip=flip, crf=crf, device="cpu", seed=seed, out_dir=out_dir, processes=1, max_steps=steps,
+                      limit_train=cfg.limit_train, eval_limit=cfg.limit_val, progress=progress)
+    res = dict(key=key, steps=r["steps"], n_train=r["n_train"], final_loss=r["final_loss"], train_s=r["train_seconds"],
+               n_val=r["n_val"], metrics=r["metrics"])
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
     return res
 
@@ -320,12 +272,10 @@ def deeplab_run(dataset: str = "synth", quick: bool = False, run: dict | None = 
 # %% ../nbs/80_reproduce.ipynb #568b3b51
 def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor, refine: bool = True, **kw) -> torch.Tensor:
     "Pseudo labels [B, H, W] (0 bg, c+1, 255 ignore) from raw `maps` [B, C, h, w] with `getam.completion.pseudo_labels` (`kw`: e.g. `alpha`, `gamma`)."
-    from getam.completion import pseudo_labels
     return pseudo_labels(x, maps.detach().float(), labels, saliency, refine=refine, **kw)
 
 def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True, **kw) -> tuple[float, torch.Tensor]:
     "mIoU (%) and per-class IoU of the pseudo labels of `method(x, labels) -> maps` against the masks (background included); `kw` go to `maps_to_labels`."
-    from getam.evaluate import ConfusionMatrix
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(x), batch_size):
         sl = slice(i, i + batch_size)
@@ -360,7 +310,6 @@ def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
 # %% ../nbs/80_reproduce.ipynb #88b36838
 def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str] | None = None, opacity: float = 0.5, scale: int = 4):
     "Draw `image_u8` [3,H,W] then each map [h, w] over it into `axes` (one row)."
-    from getam.widgets import overlay
     img = image_u8.permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
     panels = [img] + [overlay(img, np.asarray(m.detach().float() if torch.is_tensor(m) else m), opacity) for m in maps]
     titles = list(titles or [])
@@ -369,51 +318,52 @@ def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str]
         if i < len(titles): ax.set_title(titles[i], fontsize=9)
 
 # %% ../nbs/80_reproduce.ipynb #cc97422d
-def _code(nb: Path) -> str:
-    "The code cells of notebook `nb`, joined."
-    return "".join("".join(c.get("source", "")) for c in json.loads(Path(nb).read_text()).get("cells", []) if c.get("cell_type") == "code")
-
-def _calls_classifier(src: str, kind: str) -> bool:
-    "Whether code `src` asks for the shared `kind` ('vit' | 'cnn') classifier."
-    return f'classifier("{kind}"' in src or f"classifier('{kind}'" in src
-
 @dataclasses.dataclass(frozen=True)
 class SharedJob:
-    "A model the notebooks share: `fn(**kw)` (a function of this module) trains or loads it; `cost` ~ single-thread seconds, to start the longest first."
+    "A model the notebooks share: `fn(**kw)` (a function of `JOB_FUNCTIONS`) trains or loads it; `cost` ~ single-thread seconds, to start the longest first."
     label: str
     fn: str
     kw: dict
     cost: float
 
+# Which shared models each reproduce notebook asks for (by the notebook's prefix). A test checks this table against the
+# notebooks' own calls, so a notebook that starts to use another shared model cannot be forgotten here.
+NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6": ("vit",), "fig7": ("vit",),
+         "fig8": ("vit",), "fig10": ("vit", "cnn"), "fig11": ("main", "coco"), "table1": ("vit", "cnn"),
+         "table2": ("vit", "cnn"), "table3": ("vit", "main"), "table4": ("backbones",), "table5": ("main", "oracle", "deeplab"),
+         "table6": ("reduced", "coco"), "supp1": ("vit", "main"), "supp2": ("vit", "main")}
+
 def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False, checkpoint: str = "") -> list[SharedJob]:
-    "The shared classifiers and end-to-end runs that the notebooks `nbs` call for (found in their code cells), longest first."
-    src = "".join(_code(p) for p in nbs)
+    "The shared classifiers and end-to-end runs that the notebooks `nbs` need (`NEEDS`), longest first."
+    unknown = [p.stem for p in nbs if p.stem.split("_")[0] not in NEEDS]
+    if unknown: raise ValueError(f"notebooks {unknown} are not in getam.reproduce.NEEDS; add what they train there")
+    need = {k for p in nbs for k in NEEDS[p.stem.split("_")[0]]}
     q, e = dict(dataset=dataset, quick=quick), "quick" if quick else f"e{REDUCED_EPOCHS}"
     jobs = []
-    if _calls_classifier(src, "vit") and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
-    if _calls_classifier(src, "cnn"): jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
-    if "deeplab_run(" in src: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 680))
-    elif "main_run(" in src: jobs.append(SharedJob("main run", "main_run", q, 600))
-    if "oracle_run(" in src: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 350))
-    fams = ["ViT", "ViT-Hybrid", "DeiT-Distilled"] if "backbone_run(" in src else ["ViT"] if "reduced_run(" in src else []
+    if "vit" in need and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
+    if "cnn" in need: jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
+    if "deeplab" in need: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 680))
+    elif "main" in need: jobs.append(SharedJob("main run", "main_run", q, 600))
+    if "oracle" in need: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 350))
+    fams = ["ViT", "ViT-Hybrid", "DeiT-Distilled"] if "backbones" in need else ["ViT"] if "reduced" in need else []
     for f in fams:   # DeiT from scratch is the ViT (Table 4 checks it and trains it itself if not)
         jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]), 410 if f == "ViT-Hybrid" else 320))
-    if "coco_run(" in src: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 310))
+    if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 310))
     return sorted(jobs, key=lambda j: -j.cost)
+
+JOB_FUNCTIONS = {"classifier": classifier, "main_run": main_run, "deeplab_run": deeplab_run, "oracle_run": oracle_run,
+                 "backbone_run": backbone_run, "coco_run": coco_run}
 
 def _run_job(fn: str, kw: dict, threads: int) -> float:
     "Body of one `train_shared` job (also in a child process): `fn(**kw)` with `threads` torch threads, no progress bars; returns seconds."
     torch.set_num_threads(threads)
     t0 = time.time()
-    globals()[fn](**kw, progress=False)
+    JOB_FUNCTIONS[fn](**kw, progress=False)
     return time.time() - t0
 
 def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, progress: bool = True) -> list[dict]:
     """Run `jobs` in `workers` spawned processes of `threads` torch threads each, in the given order (`workers=1`: here, one after the
     other). A failing job is reported, not fatal. One summary row per job (notebook, status, seconds, outputs, error)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from fastprogress.fastprogress import progress_bar
     rows, t0 = [None] * len(jobs), time.time()
     row = lambda j, status, s, err="": dict(notebook=f"(train) {j.label}", status=status, seconds=round(s, 1), outputs="", error=err)
     fail = lambda e: f"{type(e).__name__}: {e}"[:200]
@@ -434,7 +384,7 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
             try: rows[i] = row(jobs[i], "ok", f.result())
             except Exception as e: rows[i] = row(jobs[i], "failed", time.time() - t0, fail(e))
     finally: ex.shutdown(wait=True, cancel_futures=True)
-    return rows
+
 
 # %% ../nbs/80_reproduce.ipynb #c6346827
 def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = None, out: str | Path = "figures",
@@ -443,7 +393,6 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
     """Train the shared models (`pretrain`: in `workers` processes, `threads // workers` threads each), then run the reproduce notebooks through
     papermill with `threads` threads (`params`: extra parameters for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."""
     import pandas as pd, papermill as pm
-    from fastprogress.fastprogress import progress_bar
     nbs = reproduce_notebooks(nb_dir, only)
     out, runs = Path(out).resolve(), runs_root(runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True); out.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .data import PALETTE, Normalize, write_jpeg, write_png, write_palette_png
+from .classes import NUM_SYNTH, SYNTH_CLASSES
+from .data import Normalize
+from .images import PALETTE, write_jpeg, write_png, write_palette_png
 from .utils import atomic_path
+from fastprogress.fastprogress import progress_bar
+from .config import setting
+
 
 # %% auto #0
-__all__ = ['SYNTH_CLASSES', 'NUM_SYNTH', 'synth_sample', 'make_synthvoc', 'ensure_synthvoc', 'object_stats', 'TinyCAMNet',
-           'train_cam_classifier', 'cam_part_coverage', 'main']
+__all__ = ['SYNTH_DEFAULTS', 'synth_sample', 'make_synthvoc', 'ensure_synthvoc', 'object_stats', 'main']
 
 # %% ../nbs/11_synth.ipynb #af7656da
-SYNTH_CLASSES = ["background", "spot", "stripes", "checker", "ring", "cross", "dots"]
-NUM_SYNTH = len(SYNTH_CLASSES) - 1
 _MARK = {  # class -> (colour A, colour B) of the marker pattern
     1: ((225, 30, 30), (225, 30, 30)), 2: ((245, 215, 20), (15, 15, 15)), 3: ((250, 250, 250), (20, 60, 220)),
     4: ((30, 200, 60), (30, 30, 30)), 5: ((230, 40, 220), (250, 250, 250)), 6: ((250, 140, 20), (20, 20, 20))}
@@ -162,7 +164,6 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
     labels, coco = {}, {}
     jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
     if progress:
-        from fastprogress.fastprogress import progress_bar
         jobs = progress_bar(jobs)
     for split, i in jobs:
         name = f"{split}_{i:06d}"; s = synth_sample(seed, split, i, size)
@@ -197,14 +198,21 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
     return out
 
 # %% ../nbs/11_synth.ipynb #cb810faf
-def ensure_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size: int = 128, fmt: str = "voc", progress: bool = False) -> Path:
-    "`out` holding SynthVOC with exactly these settings: generated if missing or different, reused otherwise."
+SYNTH_DEFAULTS = dict(seed=0, n_train=512, n_val=128, size=128)   # the benchmark's default settings
+
+def ensure_synthvoc(out, seed: int | None = None, n_train: int | None = None, n_val: int | None = None, size: int | None = None,
+                    fmt: str = "voc", progress: bool = False) -> Path:
+    """`out` holding SynthVOC: reused when it matches every setting given, generated (into the same folder) otherwise.
+    A setting left at None accepts whatever `out` holds, so a training run never regenerates the benchmark it was pointed
+    at; when `out` holds no SynthVOC yet, None means the default (`SYNTH_DEFAULTS`: seed 0, 512 + 128 images of 128 px)."""
     out = Path(out); f = out / "synthvoc.json"
+    want = dict(seed=seed, n_train=n_train, n_val=n_val, size=size)
     if f.is_file():
         try: m = json.loads(f.read_text())
         except json.JSONDecodeError: m = {}
-        if [m.get(k) for k in ("seed", "n_train", "n_val", "size", "format")] == [seed, n_train, n_val, size, fmt]: return out
-    return make_synthvoc(out, seed=seed, n_train=n_train, n_val=n_val, size=size, fmt=fmt, progress=progress)
+        if m.get("format", "voc") == fmt and all(v is None or m.get(k) == v for k, v in want.items()): return out
+    elif fmt == "voc" and all(v is None for v in want.values()) and (out / "ImageSets" / "Segmentation" / "train.txt").is_file(): return out
+    return make_synthvoc(out, fmt=fmt, progress=progress, **{k: SYNTH_DEFAULTS[k] if v is None else v for k, v in want.items()})
 
 # %% ../nbs/11_synth.ipynb #eba28368
 def object_stats(seed: int = 0, split: str = "val", n: int = 400, size: int = 128) -> list[dict]:
@@ -219,57 +227,6 @@ def object_stats(seed: int = 0, split: str = "val", n: int = 400, size: int = 12
                              recall=float(sal[m].mean()), part_frac=float((s["part"][m] > 0).mean()), fp=fp))
     return rows
 
-# %% ../nbs/11_synth.ipynb #3e2fa548
-def _block(i: int, o: int, k: int = 3, s: int = 1) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU())
-
-class TinyCAMNet(nn.Module):
-    "A small CAM classifier: conv features at stride 8 → 1×1 class conv → global max pooling."
-    def __init__(self, num_classes: int = NUM_SYNTH):
-        super().__init__()
-        self.features = nn.Sequential(_block(3, 16, 5, 2), _block(16, 32, 3, 2), _block(32, 64, 3, 2), _block(64, 64))
-        self.fc = nn.Conv2d(64, num_classes, 1)
-    def cam(self, x: torch.Tensor) -> torch.Tensor: return self.fc(self.features(x))       # [B, C, H/8, W/8]
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.cam(x).amax((2, 3))    # [B, C]
-
-def _tensors(seed: int, split: str, n: int, size: int):
-    ss = [synth_sample(seed, split, i, size) for i in range(n)]
-    x = Normalize()(dict(image=torch.from_numpy(np.stack([s["image"] for s in ss])).permute(0, 3, 1, 2)))["image"]
-    return x, torch.from_numpy(np.stack([s["label"] for s in ss])), ss
-
-def train_cam_classifier(seed: int = 0, n_train: int = 768, steps: int = 400, batch_size: int = 16, lr: float = 3e-3,
-                         size: int = 128, threads: int | None = 1) -> TinyCAMNet:
-    "Train `TinyCAMNet` on SynthVOC scenes drawn in memory (seeded; flips as augmentation)."
-    old = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
-        x, y, _ = _tensors(seed, "train", n_train, size)
-        net = TinyCAMNet(); opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
-        for step in range(steps):
-            idx = torch.randint(0, len(x), (batch_size,), generator=g); xb = x[idx]
-            if step % 2: xb = xb.flip(-1)
-            loss = F.multilabel_soft_margin_loss(net(xb), y[idx]); opt.zero_grad(); loss.backward(); opt.step()
-        return net.eval()
-    finally: torch.set_num_threads(old)
-
-@torch.no_grad()
-def cam_part_coverage(net: TinyCAMNet, seed: int = 0, n_val: int = 200, thresholds=(0.3, 0.5), size: int = 128) -> dict:
-    "Exact-match / per-class accuracy on `n_val` validation scenes and, per threshold, mean CAM coverage of parts vs the rest of objects."
-    x, y, ss = _tensors(seed, "val", n_val, size)
-    net.eval(); logits = net(x)
-    cams = F.interpolate(F.relu(net.cam(x)), size=x.shape[-2:], mode="bilinear", align_corners=False).numpy()
-    cov = {t: {"part": [], "rest": []} for t in thresholds}
-    for i, s in enumerate(ss):
-        for o in s["info"]:
-            c = o["cls"]; m = s["instances"] == o["instance"]; part = m & (s["part"] == c); rest = m & ~part
-            if not part.any() or not rest.any(): continue
-            cam = cams[i, c - 1] / max(cams[i, c - 1].max(), 1e-6)
-            for t in thresholds: cov[t]["part"].append((cam[part] > t).mean()); cov[t]["rest"].append((cam[rest] > t).mean())
-    pred = logits > 0
-    return dict(exact_match=float((pred == y.bool()).all(1).float().mean()), class_accuracy=float((pred == y.bool()).float().mean()),
-                coverage={t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in cov.items()}, cams=cams, samples=ss)
-
 # %% ../nbs/11_synth.ipynb #60d15580
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m getam.synth", description="Generate SynthVOC, a deterministic synthetic WSSS data set in the PASCAL VOC layout (or COCO format).")
@@ -281,7 +238,6 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.out is None:
-        from getam.config import setting
         a.out = setting("synth_root")
     t0 = time.perf_counter()
     out = make_synthvoc(a.out, seed=a.seed, n_train=a.n_train, n_val=a.n_val, size=a.size, fmt=a.format, progress=not a.quiet)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from getam.completion import (
     _bench_inputs, _complete_numpy, activation_argmax, attention_saliency, background_channel, binarize_saliency,
     complete_labels, crf_labels, crf_pseudo_labels, mine_high_activation, mining_thresholds, open_foreground, pamr,
-    present_classes, pseudo_labels, saliency_mask, save_pseudo_labels, score_pseudo_labels,
+    present_classes, pseudo_labels, saliency_mask, save_pseudo_labels,
 )
+from getam.metrics import score_folder
 
 DIL = (1, 2, 4, 8, 12, 24)
 
@@ -276,21 +277,23 @@ def test_save_and_score(tmp_path):
     assert [p.name for p in paths] == ["a.png", "b.png"] and not list((tmp_path / "pred").glob(".*"))
     from PIL import Image
     im = Image.open(paths[0]); assert im.mode == "P" and np.array_equal(np.asarray(im), pr[0])
-    r = score_pseudo_labels(tmp_path / "pred", tmp_path / "gt", num_classes=3)
+    r = score_folder(tmp_path / "pred", tmp_path / "gt", num_classes=3, progress=False)
     # bg: 15 gt pixels, 14 right (one became 2); class 1: 16 gt, one marked 255 -> 15/16; class 2: no gt, 1 predicted -> 0
-    assert r["n"] == 2 and r["miou"] == pytest.approx((14 / 15 + 15 / 16 + 0) / 3)
-    assert r["iou"].tolist() == pytest.approx([14 / 15, 15 / 16, 0.0])
-    assert r["ignored"] == pytest.approx(1 / 31)
+    assert int(r.mat.sum() + r.missed.sum()) == 31 and r.miou() == pytest.approx((14 / 15 + 15 / 16 + 0) / 3)
+    assert r.iou().tolist() == pytest.approx([14 / 15, 15 / 16, 0.0])
+    assert r.ignored_share() == pytest.approx(1 / 31)
     (tmp_path / "gt" / "b.png").unlink()
-    with pytest.raises(FileNotFoundError, match="b.png"): score_pseudo_labels(tmp_path / "pred", tmp_path / "gt", 3)
+    with pytest.raises(FileNotFoundError, match="b.png"): score_folder(tmp_path / "pred", tmp_path / "gt", 3, progress=False)
 
 
 # ---------------------------------------------------------------- SynthVOC end to end
 @pytest.mark.slow
 def test_synthvoc_stages(tmp_path):
-    from getam.completion import standin_maps, normalize_max, gather_classes
-    from getam.data import load_dataset, read_png
-    from getam.evaluate import ConfusionMatrix
+    from getam.cams import normalize_maps
+    from getam.completion import standin_maps, gather_classes
+    from getam.data import load_dataset
+    from getam.images import read_png
+    from getam.metrics import ConfusionMatrix
     from getam.synth import make_synthvoc
     root = make_synthvoc(tmp_path / "s", seed=1, n_train=8, n_val=0, size=64)
     ds = load_dataset("synth", root, "train", saliency_root=root / "SaliencyMaps")
@@ -302,7 +305,7 @@ def test_synthvoc_stages(tmp_path):
     raw = standin_maps(gt, part, ds.num_classes)
     labels = pseudo_labels(image, raw, lab, sal)
     idx, ok = present_classes(lab)
-    ref = normalize_max(pamr(image, gather_classes(raw, idx))) * ok[:, :, None, None]
+    ref = normalize_maps(pamr(image, gather_classes(raw, idx)), eps=1e-5) * ok[:, :, None, None]
     maps = torch.zeros_like(raw).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
     assert torch.equal(labels, complete_labels(maps, lab, sal))
     assert torch.equal(labels, naive_complete(maps, lab, sal))
@@ -312,7 +315,8 @@ def test_synthvoc_stages(tmp_path):
 
 def test_pseudo_labels_is_pamr_then_completion_of_the_present_classes():
     "pseudo_labels = resize, PAMR on the present classes' [B, K] slots, max-normalise, complete_labels; bitwise, any K per image."
-    from getam.completion import normalize_max, gather_classes
+    from getam.cams import normalize_maps
+    from getam.completion import gather_classes
     g = torch.Generator().manual_seed(3)
     image = torch.randn(3, 3, 20, 24, generator=g)
     raw = torch.rand(3, 4, 5, 6, generator=g)
@@ -320,13 +324,13 @@ def test_pseudo_labels_is_pamr_then_completion_of_the_present_classes():
     sal = (torch.rand(3, 20, 24, generator=g) > 0.5).long()
     idx, ok = present_classes(lab)
     up = torch.nn.functional.interpolate(raw * (lab[:, :, None, None] > 0), size=(20, 24), mode="bilinear", align_corners=False)
-    ref = normalize_max(pamr(image, gather_classes(up, idx)).clamp(min=0)) * ok[:, :, None, None]
+    ref = normalize_maps(pamr(image, gather_classes(up, idx)).clamp(min=0), eps=1e-5) * ok[:, :, None, None]
     maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
     assert torch.equal(pseudo_labels(image, raw, lab, sal), complete_labels(maps, lab, sal))
     assert torch.equal(pseudo_labels(image[2:], raw[2:], lab[2:], sal[2:]), sal[2:] * 255)  # Eq. 4: salient, no class -> ignore
     lab2 = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]])  # no padding slots at all
     idx, ok = present_classes(lab2)
     up = torch.nn.functional.interpolate(raw[:2] * (lab2[:, :, None, None] > 0), size=(20, 24), mode="bilinear", align_corners=False)
-    ref = normalize_max(pamr(image[:2], gather_classes(up, idx)).clamp(min=0)) * ok[:, :, None, None]
+    ref = normalize_maps(pamr(image[:2], gather_classes(up, idx)).clamp(min=0), eps=1e-5) * ok[:, :, None, None]
     maps = torch.zeros_like(up).scatter_(1, idx[:, :, None, None].expand_as(ref), ref)
     assert torch.equal(pseudo_labels(image[:2], raw[:2], lab2, sal[:2]), complete_labels(maps, lab2, sal[:2]))

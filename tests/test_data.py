@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from getam.data import (COCO_CLASSES, PALETTE, VOC_CLASSES, COCODataset, CenterCrop, Compose, LongSideResize, Normalize,
-                        RandomCrop, RandomHFlip, RandomLongSideResize, VOCDataset, coco_class_mask, collate,
-                        denormalize, eval_transform, load_dataset, main, norm_stats, read_image, read_png, train_transform,
-                        voc_cls_labels, write_palette_png, write_png)
+from getam.classes import COCO_CLASSES, VOC_CLASSES, norm_stats
+from getam.data import (COCODataset, CenterCrop, Compose, LongSideResize, Normalize, RandomCrop, RandomHFlip,
+                        RandomLongSideResize, VOCDataset, coco_class_mask, collate, denormalize, eval_transform,
+                        load_dataset, main, train_transform, voc_cls_labels)
+from getam.images import PALETTE, read_image, read_png, write_palette_png, write_png
 
 
 # ---------------------------------------------------------------- fixtures

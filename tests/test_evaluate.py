@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from getam.evaluate import (SCALES, ConfusionMatrix, _edge_example, crf_batch, dense_crf, evaluate_model, export_voc_test,
-                            iou_table, main, metrics, plot_iou, predict, score_folder, score_pseudo_labels, voc_results_dir)
+from getam.crf import _edge_example, crf_batch, dense_crf
+from getam.evaluate import main
+from getam.infer import SCALES, evaluate_model, export_voc_test, predict, voc_results_dir
+from getam.metrics import ConfusionMatrix, iou_table, metrics, plot_iou, score_folder, score_pseudo_labels
 
 try:
     import pydensecrf.densecrf  # noqa: F401
@@ -242,7 +244,7 @@ def _spoil(item):
 
 
 def test_score_folder_equals_score_pseudo_labels(tmp_path):
-    from getam.data import write_palette_png, write_png
+    from getam.images import write_palette_png, write_png
     toy = _toy()
     for it in toy[:2]:
         write_palette_png(tmp_path / f"{it['name']}.png", _spoil(it).numpy())
@@ -306,11 +308,14 @@ def test_cli_evaluates_a_deeplab_checkpoint(tiny_synth, tmp_path):
 
 
 def test_load_model_fn_rebuilds_a_getam_train_run(tmp_path):
-    train = pytest.importorskip("getam.train")
-    cfg = train.tiny_config()
+    from dataclasses import asdict
+    from fixtures import tiny_config
+    from getam.loop import save_checkpoint
+    from getam.train import build_model, build_optimizer
+    cfg = tiny_config()
     torch.manual_seed(0)
-    model = train.build_model(cfg, 3).eval()
-    train.save_checkpoint(tmp_path, model, train.build_optimizer(model, cfg), 1, 1, 0, cfg)
+    model = build_model(cfg, 3).eval()
+    save_checkpoint(tmp_path, model, build_optimizer(model, cfg), 1, 1, 0, asdict(cfg))
     from getam.evaluate import load_model_fn
     fn, info = load_model_fn(tmp_path, "cpu", num_classes=3)
     x = torch.randn(1, 3, 37, 45)   # not a multiple of the patch size: model_fn pads and crops

@@ -243,3 +243,13 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path, 
     ref = R.trained_run("ref", progress=False, **TINY_RUN)
     for k, v in ref["model"].state_dict().items(): assert torch.equal(v, r["model"].state_dict()[k]), k
     pd.testing.assert_series_equal(log.loss, pd.read_csv(ref["out_dir"] / "log.csv").loss)
+
+
+def test_needs_table_matches_the_notebooks_calls():
+    "`NEEDS` (what each notebook trains ahead) equals what the notebooks' code cells actually call for."
+    calls = {'classifier("vit"': "vit", 'classifier("cnn"': "cnn", "main_run(": "main", "oracle_run(": "oracle",
+             "deeplab_run(": "deeplab", "backbone_run(": "backbones", "reduced_run(": "reduced", "coco_run(": "coco"}
+    for nb in R.reproduce_notebooks(NB_DIR):
+        code = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        found = {key for call, key in calls.items() if call in code}
+        assert found == set(R.NEEDS[nb.stem.split("_")[0]]), nb.name

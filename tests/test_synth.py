@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from getam.data import COCODataset, load_dataset, read_png, train_transform, collate
+from getam.data import COCODataset, load_dataset, train_transform, collate
+from getam.images import read_png
 from getam.synth import NUM_SYNTH, SYNTH_CLASSES, main, make_synthvoc, synth_sample
 
 
@@ -159,7 +160,7 @@ def test_ensure_synthvoc_reuses_only_identical_settings(tmp_path):
 @pytest.mark.slow
 def test_plain_cam_covers_mainly_the_discriminative_part():
     "Failure mode 1, measured: a CAM classifier that classifies well activates on the small marker, not on the body."
-    from getam.synth import cam_part_coverage, train_cam_classifier
+    from getam.classify import cam_part_coverage, train_cam_classifier
     net = train_cam_classifier(seed=1, n_train=512, steps=300)
     r = cam_part_coverage(net, seed=1, n_val=120)
     assert r["class_accuracy"] > 0.85  # all-negative guessing scores ~0.72

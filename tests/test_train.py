@@ -7,8 +7,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from getam.train import (TrainConfig, make_config, step_losses, two_forward_losses, tiny_model, tiny_batch, toy_items,
-                         tiny_config, train, lr_at, seg_loss, arg_parser)
+from fixtures import tiny_batch, tiny_config, tiny_model, toy_items
+from getam.losses import seg_loss
+from getam.step import class_token_saliency, lr_at, step_losses, two_forward_losses
+from getam.train import TrainConfig, arg_parser, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,6 @@ def test_single_forward_equals_two_forward_gradients():
 
 def test_class_token_saliency_is_the_mean_class_row_through_attention_saliency():
     from getam.completion import attention_saliency
-    from getam.train import class_token_saliency
     g = torch.Generator().manual_seed(0)
     attn = [torch.rand(2, 2, 5, 5, generator=g) for _ in range(3)]  # 3 blocks, batch 2, 2 heads, [class] + 2x2 patches
     image = torch.randn(2, 3, 8, 8, generator=g)
@@ -112,10 +113,22 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_amp_bf16_on_cpu_runs(tmp_path):
-    r = train(tiny_config(out_dir=str(tmp_path), amp="bf16", write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
+def test_amp_bf16_on_cpu_runs(tmp_path, monkeypatch):
+    "amp='bf16' really runs the forward in bfloat16 (the blocks' outputs are bf16) and still gives finite losses."
+    import getam.step as step_module
+    dtypes, real = [], step_module.step_losses
+    def spy(model, batch, cfg, phase, autocast=None):
+        h = step_module._unwrap(model).backbone.blocks[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        try: return real(model, batch, cfg, phase, autocast)
+        finally: h.remove()
+    monkeypatch.setattr(step_module, "step_losses", spy)
+    r = train(tiny_config(out_dir=str(tmp_path / "bf16"), amp="bf16", write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
     assert len(r["log"]) == 4 and all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"])
     assert r["log"][-1]["phase"] == 2 and 0 <= r["metrics"]["val_miou"] <= 1
+    assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes
+    dtypes.clear()
+    full = train(tiny_config(out_dir=str(tmp_path / "fp32"), write_pseudo=False), train_ds=toy_items(8))
+    assert set(dtypes) == {torch.float32} and full["log"][0]["loss"] != r["log"][0]["loss"]   # amp changes the arithmetic
 
 
 @pytest.mark.parametrize("kw, msg", [
