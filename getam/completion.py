@@ -4,7 +4,6 @@
 
 # %% ../nbs/30_completion.ipynb #237dc625
 from __future__ import annotations
-import math, os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .cams import normalize_maps
-from .classes import IGNORE_INDEX
 from .crf import dense_crf
 from .images import PALETTE, write_palette_png
-from .pamr import _NEIGHBOURS, _pamr_numpy, pamr
+from .pamr import _pamr_numpy, pamr
 from .utils import format_timings, time_side_by_side
 
 # %% auto #0

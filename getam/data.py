@@ -11,11 +11,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .classes import COCO_CLASSES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SYNTH_CLASSES, VOC_CLASSES, norm_stats
-from .images import PALETTE, read_image, read_png, write_palette_png, write_png
+from .classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SYNTH_CLASSES, VOC_CLASSES
+from .images import PALETTE, read_image, read_png, write_palette_png
 from .utils import atomic_path
 from .config import setting
 from fastprogress.fastprogress import progress_bar

@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file, save_file
 
 from .backbones import load_weights_file
-from .classes import IMAGENET_MEAN, IMAGENET_STD
 from .utils import atomic_path
 
 

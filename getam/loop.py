@@ -178,6 +178,21 @@ def _autocast(device: torch.device, amp: str):
 def _set_lr(optimizer, lr: float):
     for g in optimizer.param_groups: g["lr"] = lr * g.get("lr_mult", 1.0)
 
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    "The model wrapped in DDP (BatchNorms synchronised; the decoder is unused in phase 1, hence `find_unused_parameters`)."
+    sync_batchnorm(model, device)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
+
+def _restore(out_dir: Path | None, model: nn.Module, optimizer, scaler) -> tuple[int, int, int, list, list]:
+    "(epoch, step, steps done in that epoch, log rows, history) from `out_dir`'s checkpoint; a fresh start when there is none."
+    if out_dir is None or not (out_dir / "state.pt").is_file():
+        if dist_info()[0] == 0: print(f"resume=True but no checkpoint in {out_dir}; starting from scratch")
+        return 0, 0, 0, [], []
+    st = load_checkpoint(out_dir, model, optimizer, scaler)
+    history = json.loads(st["extra"].get("val_hist", "[]")) if st.get("extra") else []
+    return st["epoch"], st["step"], st["epoch_step"], _read_log(out_dir / "log.csv", upto=st["step"]), history
+
 def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimizer, train_ds: Dataset, *, epochs: int,
         batch_size: int, lr_at: Callable[[int, int], float] | None = None, out_dir: str | Path | None = None,
         config: dict | None = None, seed: int = 0, device: torch.device | str = "cpu", amp: str = "none",
@@ -193,11 +208,7 @@ def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimize
     rank, world, _ = dist_info()
     device = torch.device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
-    net = model
-    if world > 1:
-        sync_batchnorm(model, device)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=True)
+    net = _ddp(model, device) if world > 1 else model
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     if batch_size % world: raise ValueError(f"batch_size={batch_size} is the global batch; it must be divisible by the {world} DDP processes")
     per_rank = batch_size // world
@@ -207,14 +218,8 @@ def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimize
     if steps_per_epoch == 0: raise ValueError(f"{len(train_ds)} training images give no full batch of {batch_size}; lower batch_size")
     total = epochs * steps_per_epoch
     ctx = StepContext(net, optimizer, scaler, _autocast(device, amp), total, device)
-    epoch, step, skip, log, history = 0, 0, 0, [], []
     log_path = out_dir / "log.csv" if out_dir else None
-    if resume and out_dir and (out_dir / "state.pt").is_file():
-        st = load_checkpoint(out_dir, model, optimizer, scaler)
-        epoch, step, skip = st["epoch"], st["step"], st["epoch_step"]
-        history = json.loads(st["extra"].get("val_hist", "[]")) if st.get("extra") else []
-        log = _read_log(log_path, upto=step)
-    elif resume and rank == 0: print(f"resume=True but no checkpoint in {out_dir}; starting from scratch")
+    epoch, step, skip, log, history = _restore(out_dir, model, optimizer, scaler) if resume else (0, 0, 0, [], [])
     if rank == 0 and out_dir: out_dir.mkdir(parents=True, exist_ok=True); _write_log(log_path, log, log_fields)
     last_ckpt = step if resume else None
     def checkpoint(e, s, es):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
-from .images import read_png, write_palette_png
+from .images import read_png
 
 
 # %% auto #0

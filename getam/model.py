@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import timm
 
 from .backbones import create_backbone
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from .classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from .config import resolve_device, setting
-from .data import Normalize, load_dataset
+from .data import load_dataset
 from .deeplab import BACKBONES, DeepLabV2, save_deeplab
 from .images import read_png
 from .infer import evaluate_model

@@ -8,13 +8,9 @@ import argparse, json, time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .classes import NUM_SYNTH, SYNTH_CLASSES
-from .data import Normalize
 from .images import PALETTE, write_jpeg, write_png, write_palette_png
 from .utils import atomic_path
 from fastprogress.fastprogress import progress_bar

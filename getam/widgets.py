@@ -13,7 +13,8 @@ from torch import nn
 from PIL import Image as PILImage
 
 from . import cams
-from .data import Normalize, denormalize, norm_stats
+from .classes import norm_stats
+from .data import Normalize, denormalize
 
 # %% auto #0
 __all__ = ['BASELINES', 'LAYERED', 'colorize', 'overlay', 'png_bytes', 'image_maps', 'LayerExplorer']

@@ -10,10 +10,10 @@ PKG = Path(__file__).resolve().parents[1] / "getam"
 LAYERS = {
     0: ["config", "utils", "classes", "images"],                                   # foundations
     1: ["data", "synth", "backbones"],                                             # data
-    2: ["cams", "pamr", "completion", "crf", "metrics"],                           # the method
+    2: ["cams", "pamr", "completion", "crf", "metrics", "faithfulness"],           # the method
     3: ["model", "deeplab"],                                                       # models
     4: ["losses", "loop", "step", "infer", "train", "multistage", "classify", "pretrain"],   # training
-    5: ["evaluate", "reproduce", "widgets", "bench", "explain", "faithfulness", "explainers_bench", "cli"],  # entry points
+    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench", "cli"],  # entry points
 }
 LAYER = {m: k for k, ms in LAYERS.items() for m in ms}
 
