@@ -9,7 +9,7 @@ import argparse, dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import cams, completion
+from . import cams, completion, explainers_bench
 from .backbones import record_attention
 from .cams import _released_recipe, maps_from_attention
 from .losses import seg_loss
@@ -72,7 +72,8 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
     return t
 
 # %% ../nbs/99_bench.ipynb #78ac3c04
-BENCHMARKS = {"cams": cams.benchmark, "completion": completion.benchmark, "train": benchmark_train}
+BENCHMARKS = {"cams": cams.benchmark, "completion": completion.benchmark, "train": benchmark_train,
+              "explainers": explainers_bench.benchmark}
 
 # %% ../nbs/99_bench.ipynb #808e0c11
 def run_benchmark(name: str, threads: int | None = None, **kwargs):
@@ -87,9 +88,11 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m getam.bench", description=__doc__ or "getam benchmarks")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="what to measure")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate (cams, completion, train)")
+    p.add_argument("--weights", default=None, help="explainers: a state dict of the reproduce notebooks' ViT (default: the shared classifier)")
     a = p.parse_args(argv)
-    run_benchmark(a.name, threads=a.threads, repeats=a.repeats)
+    if a.name == "explainers": return run_benchmark(a.name, threads=a.threads, weights=a.weights)
+    return run_benchmark(a.name, threads=a.threads, repeats=a.repeats)
 
 # %% ../nbs/99_bench.ipynb #f9aa4589
 if __name__ == "__main__": main()

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone, record_attention, vit_of
+from .backbones import check_class_token_readout, create_backbone, record_attention, vit_of
 from .utils import format_timings, time_side_by_side
 
 # %% auto #0
-__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'rank_vjps', 'class_row', 'coupling', 'normalize_maps', 'fuse_layers',
-           'rollout', 'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult', 'getam_layers',
-           'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients', 'ts_cam', 'cnn_cam',
-           'benchmark']
+__all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'target_labels', 'rank_vjps', 'class_row', 'coupling', 'normalize_maps',
+           'fuse_layers', 'rollout', 'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult',
+           'getam_layers', 'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients',
+           'ts_cam', 'cnn_cam', 'benchmark']
 
 # %% ../nbs/21_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
@@ -33,6 +33,32 @@ def present_ranks(labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     pos = labels > 0
     rank = pos.long().cumsum(1) - 1
     return [torch.nonzero(pos & (rank == k), as_tuple=True) for k in range(int(pos.sum(1).max()) if pos.numel() else 0)]
+
+# %% ../nbs/21_cams.ipynb #97a28fec
+def target_labels(labels, logits: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+    "Multi-hot float [B, C] on `logits`' device from multi-hot, class indices (int, [B], [B, k] with -1 pads, lists per image) or `None` (top-k logits)."
+    (B, C), dev = logits.shape, logits.device
+    out = torch.zeros(B, C, device=dev)
+    if labels is None:
+        return out.scatter_(1, logits.detach().topk(min(top_k, C), dim=1).indices, 1.)
+    if isinstance(labels, (list, tuple)) and not all(isinstance(c, int) for c in labels):
+        if len(labels) != B: raise ValueError(f"{len(labels)} lists of class indices for a batch of {B} images; expected one per image")
+        labels = [[c] if isinstance(c, int) else list(c) for c in labels]
+        width = max(1, max(map(len, labels)))
+        labels = [cs + [-1] * (width - len(cs)) for cs in labels]
+    if isinstance(labels, int): labels = [labels] * B
+    labels = torch.as_tensor(labels, device=dev)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        if labels.shape != (B, C): raise ValueError(f"labels {tuple(labels.shape)} do not match logits {(B, C)}; expected multi-hot [B, C]")
+        return labels.float()
+    if labels.ndim == 1: labels = labels[:, None]
+    if labels.ndim != 2 or len(labels) != B:
+        raise ValueError(f"class indices of shape {tuple(labels.shape)} for a batch of {B}; expected [B] or [B, k] (-1 pads)")
+    if labels.shape == (B, C):
+        raise ValueError(f"integer labels of shape [B, C] = {(B, C)} are ambiguous (class indices or multi-hot?); "
+                         f"pass multi-hot as float or bool, or class indices as [B, k] with k != C or as lists")
+    if (labels >= C).any() or (labels < -1).any(): raise ValueError(f"class indices {labels.tolist()} out of range 0..{C - 1} (-1 pads)")
+    return out.scatter_add_(1, labels.clamp_min(0), (labels >= 0).float()).clamp_(max=1)
 
 # %% ../nbs/21_cams.ipynb #09adacb9
 def rank_vjps(logits: torch.Tensor, inputs: Sequence[torch.Tensor], labels: torch.Tensor,
@@ -124,11 +150,13 @@ def maps_from_attention(logits: torch.Tensor, attn: Sequence[torch.Tensor], labe
     return maps.view(B, C, h, w)
 
 # %% ../nbs/21_cams.ipynb #328c62e7
-def getam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: Iterable[int] | int | None = None,
-          fusion: str = "sum") -> torch.Tensor:
-    "GETAM (Eq. 2–3) of `labels`' positive classes: `images` [B, 3, H, W], `labels` [B, C] → maps [B, C, h, w]."
+def getam(model: nn.Module, images: torch.Tensor, labels=None, layers: Iterable[int] | int | None = None,
+          fusion: str = "sum", top_k: int = 1) -> torch.Tensor:
+    "GETAM (Eq. 2–3) of `labels`' classes (`target_labels`: multi-hot [B, C], indices, or None → top-k): `images` [B, 3, H, W] → maps [B, C, h, w] on `images`' device."
+    check_class_token_readout(model, "GETAM")
     with record_attention(model, layers) as rec, torch.enable_grad():
         logits = logits_of(model(images))
+        labels = target_labels(labels, logits, top_k)
         return maps_from_attention(logits, rec.attn, labels, rec.grid, rec.num_prefix_tokens, fusion)
 
 # %% ../nbs/21_cams.ipynb #54781061
@@ -142,12 +170,14 @@ class GetamResult(NamedTuple):
     layers: list             # block index of each of the L maps
     grid: tuple              # (h, w)
 
-def getam_layers(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 layers: Iterable[int] | int | None = None, fusion: str = "sum") -> GetamResult:
+def getam_layers(model: nn.Module, images: torch.Tensor, labels=None,
+                 layers: Iterable[int] | int | None = None, fusion: str = "sum", top_k: int = 1) -> GetamResult:
     "Like `getam`, also returning per-block maps, A_CLS and ∇A_CLS (all float32, detached)."
     _check_fusion(fusion)
+    check_class_token_readout(model, "GETAM")
     with record_attention(model, layers) as rec, torch.enable_grad():
         logits = logits_of(model(images))
+        labels = target_labels(labels, logits, top_k)
         attn, (h, w), p = rec.attn, rec.grid, rec.num_prefix_tokens
         _check_grid(attn, (h, w), p)
         (B, C), L = labels.shape, len(attn)
@@ -208,13 +238,14 @@ def cam_add(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classi
     return _token_cam(model, images, labels, classifier, relu, add_class=True)
 
 # %% ../nbs/21_cams.ipynb #f0a361cd
-def grad_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, relu: bool = True) -> torch.Tensor:
-    "Grad-CAM on the token features entering the last block (GAP of gradients as channel weights) → [B, C, h, w]."
+def grad_cam(model: nn.Module, images: torch.Tensor, labels=None, relu: bool = True, top_k: int = 1) -> torch.Tensor:
+    "Grad-CAM on the token features entering the last block (GAP of gradients as channel weights) → [B, C, h, w]; `labels` as `target_labels`."
     vit, out = vit_of(model), {}
     hook = vit.blocks[-1].register_forward_pre_hook(lambda m, a: out.__setitem__("x", a[0]))
     try:
         with record_attention(model, -1) as rec, torch.enable_grad():   # records the grid; the last block's attention is cheap
             logits = logits_of(model(images))
+            labels = target_labels(labels, logits, top_k)
             feats = out["x"]
             if not feats.requires_grad: raise RuntimeError("grad_cam: the last block's output does not require grad; unfreeze the model")
             p = rec.num_prefix_tokens
@@ -226,11 +257,13 @@ def grad_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, relu:
     finally: hook.remove()
     return scores.view(*labels.shape, *rec.grid)
 
-def att_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  layers: Iterable[int] | int | None = None) -> torch.Tensor:
-    "Att-Gradients of Table 1: Σ_i mean_heads(ReLU(∇A ⊙ A)) on the [class] row → [B, C, h, w]."
+def att_gradients(model: nn.Module, images: torch.Tensor, labels=None,
+                  layers: Iterable[int] | int | None = None, top_k: int = 1) -> torch.Tensor:
+    "Att-Gradients of Table 1: Σ_i mean_heads(ReLU(∇A ⊙ A)) on the [class] row → [B, C, h, w]; `labels` as `target_labels`."
+    check_class_token_readout(model, "Att-Gradients")
     with record_attention(model, layers) as rec, torch.enable_grad():
         logits, attn, p = logits_of(model(images)), rec.attn, rec.num_prefix_tokens
+        labels = target_labels(labels, logits, top_k)
         maps = torch.zeros(*labels.shape, rec.grid[0] * rec.grid[1], device=attn[0].device)
         for rows, cls, grads in rank_vjps(logits, attn, labels):
             with torch.no_grad(): maps[rows, cls] = sum(block_couplings(attn, grads, rows, p, squared=False))

@@ -77,12 +77,13 @@ class DistBatchNorm2d(nn.BatchNorm2d):
         return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    "SyncBatchNorm on accelerators, `DistBatchNorm2d` on CPU (state dicts stay compatible)."
+    "SyncBatchNorm on accelerators, `DistBatchNorm2d` on CPU; both keep the BatchNorms' parameter and buffer tensors (state dicts stay compatible)."
     if device.type != "cpu": return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             new = DistBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict()); setattr(module, name, new)
+            for k, v in list(child._parameters.items()) + list(child._buffers.items()): setattr(new, k, v)  # the same tensors:
+            new.train(child.training); setattr(module, name, new)        # an optimiser built before still updates them
         else: sync_batchnorm(child, device)
     return module
 

@@ -3,8 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from getam.backbones import (ALIASES, create_backbone, default_layers, is_hybrid, load_weights_file, record_attention,
-                             resolve_layers, resolve_name, tiny_backbone, vit_of, weights_candidates)
+import torch.nn.functional as F
+
+from getam.backbones import (ALIASES, TINY_KINDS, check_class_token_readout, create_backbone, default_layers, is_hybrid,
+                             load_weights_file, record_attention, resolve_layers, resolve_name, tiny_backbone, vit_of,
+                             weights_candidates)
 
 FAMILIES = ["vit", "deit_distilled", "vit_hybrid"]
 
@@ -185,3 +188,116 @@ def test_unsupported_block_is_named():
         with record_attention(m):
             pass
     assert m.blocks[0].attn.fused_attn  # nothing was changed
+
+
+# ---------------------------------------------------------------- every timm family with a [class] read-out
+
+OTHER_FAMILIES = ["vit_reg", "clip", "deit3", "eva", "beit", "relpos"]
+
+
+def values_and_output(attn_module, x, A):
+    "What the attention module outputs when its post-softmax attention is A: proj(norm(A @ V)), V from its own qkv."
+    a = attn_module
+    B, N, _ = x.shape
+    bias = a.qkv.bias
+    if bias is None and getattr(a, "q_bias", None) is not None:
+        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
+    v = F.linear(x, a.qkv.weight, bias).reshape(B, N, 3, a.num_heads, -1)[:, :, 2].transpose(1, 2)
+    out = (A @ v).transpose(1, 2).reshape(B, N, -1)
+    return a.proj(getattr(a, "norm", nn.Identity())(out))
+
+
+@pytest.mark.parametrize("kind", OTHER_FAMILIES)
+def test_record_attention_every_family_is_the_mixing_matrix(kind):
+    """For every family the recorded tensor is the post-softmax attention the module multiplies V with (rotary
+    embedding / relative position bias included): rows are distributions and proj(A @ V) is the module's output."""
+    torch.manual_seed(0)
+    m = tiny_backbone(kind).eval()
+    assert kind not in ("beit", "relpos") or m.blocks[0].attn.fused_attn   # the fused path is what is normally run
+    io = {}
+    hooks = [b.attn.register_forward_hook(lambda mod, a, o, i=i: io.__setitem__(i, (a[0], o)))
+             for i, b in enumerate(m.blocks)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = m(x)
+    with record_attention(m, [0, 2]) as rec:
+        y = m(x)
+    for h in hooks:
+        h.remove()
+    p = {"vit_reg": 5}.get(kind, 1)
+    assert rec.num_prefix_tokens == p and rec.grid == (4, 4)
+    for i, A in zip([0, 2], rec.attn):
+        assert A.shape == (2, 2, p + 16, p + 16) and A.requires_grad
+        torch.testing.assert_close(A.sum(-1), torch.ones(2, 2, p + 16))
+        x_in, out = io[i]
+        torch.testing.assert_close(values_and_output(m.blocks[i].attn, x_in, A), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, fused, rtol=1e-5, atol=1e-6)    # the unfused path computes the same function
+    assert all(b.attn.fused_attn == f for b, f in zip(m.blocks, [True] * 3)) and n_hooks(m) == 0
+
+
+def test_eva_rope_is_in_the_recorded_attention():
+    "With the rotary embedding switched off the attention changes: the recorded A is the one after RoPE."
+    torch.manual_seed(0)
+    m = tiny_backbone("eva").eval()
+    x = torch.randn(1, 3, 40, 48)
+    with record_attention(m, [0]) as rec, torch.no_grad():
+        m(x)
+    with_rope = rec.attn[0]
+    m.rope = None   # Eva skips the rotary embedding when it has none
+    with record_attention(m, [0]) as rec, torch.no_grad():
+        m(x)
+    assert rec.grid == (5, 6) and (with_rope - rec.attn[0]).abs().max() > 1e-3
+
+
+def test_beit_relative_bias_is_in_the_recorded_attention():
+    torch.manual_seed(0)
+    m = tiny_backbone("beit").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with record_attention(m, [1]) as rec, torch.no_grad():
+        m(x)
+    a0 = rec.attn[0]
+    with torch.no_grad():
+        m.blocks[1].attn.relative_position_bias_table.add_(torch.randn_like(m.blocks[1].attn.relative_position_bias_table))
+    with record_attention(m, [1]) as rec, torch.no_grad():
+        m(x)
+    assert (a0 - rec.attn[0]).abs().max() > 1e-3
+
+
+def test_tiny_kinds_build_and_run():
+    for kind in TINY_KINDS:
+        m = tiny_backbone(kind).eval()
+        vit_of(m)
+        check_class_token_readout(m)
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    with pytest.raises(ValueError, match="relpos"):
+        tiny_backbone("swin")
+
+
+@pytest.mark.parametrize("kind,kw,msg", [
+    ("vit", dict(class_token=False, global_pool="avg"), "VisionTransformer has global_pool='avg' and no [class] token"),
+    ("vit", dict(class_token=False, global_pool="map"), "VisionTransformer has global_pool='map' and no [class] token"),
+    ("vit", dict(global_pool="avg"), "which this head never reads"),
+    ("eva", dict(global_pool="avg"), "Eva has global_pool='avg' and a [class] token"),
+    ("beit", dict(global_pool="avg"), "Beit has global_pool='avg'"),
+    ("relpos", dict(class_token=False, global_pool="avg"), "VisionTransformerRelPos has global_pool='avg' and no [class] token"),
+])
+def test_no_class_token_readout_is_refused_with_the_reason(kind, kw, msg):
+    m = tiny_backbone(kind, **kw)
+    with pytest.raises(ValueError) as e:
+        check_class_token_readout(m)
+    assert msg in str(e.value) and "row 0" in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kw", [("vit_small_patch14_reg4_dinov2", {}), ("vit_base_patch16_clip_224", {}),
+                                     ("deit3_small_patch16_224", {}), ("eva02_tiny_patch14_224", dict(global_pool="token")),
+                                     ("beit_base_patch16_224", dict(global_pool="token")),
+                                     ("vit_relpos_base_patch16_clsgap_224", dict(global_pool="token"))])
+def test_real_family_names_build_offline_and_record(name, kw):
+    torch.manual_seed(0)
+    m = create_backbone(name, num_classes=3, depth=1, **kw).eval()
+    check_class_token_readout(m)
+    with record_attention(m) as rec, torch.no_grad():
+        out = m(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 3) and len(rec.attn) == 1
+    assert rec.attn[0].shape[-1] == m.num_prefix_tokens + rec.grid[0] * rec.grid[1]

@@ -7,7 +7,7 @@ from torch import nn
 import getam.cams as cams
 from getam.backbones import create_backbone, tiny_backbone
 from getam.cams import (att_gradients, cam_add, cam_ignore, cnn_cam, getam, getam_layers, grad_cam, maps_from_attention,
-                        normalize_maps, present_ranks, resize_maps, ts_cam)
+                        normalize_maps, present_ranks, resize_maps, target_labels, ts_cam)
 from getam.backbones import record_attention
 
 def rel_err(a, b):
@@ -29,8 +29,8 @@ def slow_reference(model, images, labels, layers, fusion="sum"):
                 blk.attn.fused_attn = False
             try:
                 x = images[b:b + 1]
-                tokens = model.patch_embed(x)
-                h, w = tokens.shape[1:3]
+                tokens = model.patch_embed(x)   # NHWC with dynamic_img_size; else [1, N, D] on the fixed grid
+                h, w = tokens.shape[1:3] if tokens.ndim == 4 else model.patch_embed.grid_size
                 out = model(x)
                 out = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
                 for a in saved.values():
@@ -337,3 +337,84 @@ def test_grad_cam_not_zero_for_class_token_models():
         x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1., 0, 1, 0], [0, 1, 0, 0]])
         m = grad_cam(model, x, y, relu=False)
         assert (m.abs().flatten(2).amax(-1) > 0).eq(y > 0).all()
+
+
+# ---------------------------------------------------------------- every timm family; models without a [class] read-out
+
+@pytest.mark.parametrize("kind", ["vit_reg", "clip", "deit3", "eva", "beit", "relpos"])
+def test_getam_every_family_equals_slow_reference(kind):
+    "Registers (p = 5), CLIP, DeiT III, EVA-02 (RoPE), BEiT (relative bias), ViT-RelPos: the batched maps = per (image, class) autograd."
+    torch.manual_seed(0)
+    model = tiny_backbone(kind).eval()
+    sizes = [(32, 32), (48, 40)] if getattr(model, "dynamic_img_size", False) else [(32, 32)]
+    for size in sizes:
+        x = torch.randn(3, 3, *size)
+        ref = slow_reference(model, x, LABELS, [0, 1, 2])
+        ours = getam(model, x, LABELS)
+        assert ours.shape == (3, 4, size[0] // 8, size[1] // 8)
+        assert rel_err(ours, ref) <= 1e-4 and ref.norm() > 0
+        r = getam_layers(model, x, LABELS, layers=[0, 2])
+        assert rel_err(r.maps, slow_reference(model, x, LABELS, [0, 2])) <= 1e-4
+        assert rel_err(r.per_layer[1], slow_reference(model, x, LABELS, [2])) <= 1e-4
+    assert [b.attn.fused_attn for b in model.blocks] == [True] * 3
+
+
+@pytest.mark.parametrize("kind", ["eva", "beit"])
+def test_att_gradients_every_family_one_head(kind):
+    "One head: per block GETAM = AttGrad² / A_CLS holds on the other families too."
+    torch.manual_seed(0)
+    model = tiny_backbone(kind, num_heads=1).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1., 0, 1, 0], [0, 1, 0, 0]])
+    r = getam_layers(model, x, y, layers=[1])
+    torch.testing.assert_close(r.maps, att_gradients(model, x, y, layers=[1]) ** 2 / r.a_cls[0][:, None], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,kw", [("vit", dict(class_token=False, global_pool="avg")),    # GAP ViT: row 0 is a patch
+                                     ("vit", dict(class_token=False, global_pool="map", reg_tokens=1)),  # attention pool
+                                     ("eva", dict(global_pool="avg")), ("beit", dict(global_pool="avg")),
+                                     ("relpos", dict(class_token=False, global_pool="avg"))])
+def test_no_class_token_readout_is_refused_never_silent(kind, kw):
+    torch.manual_seed(0)
+    model = tiny_backbone(kind, **kw).eval()
+    x, y = torch.randn(1, 3, 32, 32), torch.tensor([[1., 0, 0, 0]])
+    name = type(model).__name__
+    for fn in (getam, getam_layers, att_gradients):
+        with pytest.raises(ValueError, match=f"{name} has global_pool='{kw['global_pool']}'"):
+            fn(model, x, y)
+    assert grad_cam(model, x, y).shape == (1, 4, 4, 4)    # token features: no [class] row needed
+
+
+def test_labels_as_indices_topk_and_multihot_agree():
+    torch.manual_seed(0)
+    model = tiny_backbone("vit").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+    top2 = logits.topk(2, 1).indices
+    want = getam(model, x, torch.zeros(3, 4).scatter_(1, top2, 1.))
+    assert want.flatten(2).amax(-1).gt(0).sum() == 6
+    torch.testing.assert_close(getam(model, x, top_k=2), want)
+    torch.testing.assert_close(getam(model, x, top2), want)
+    torch.testing.assert_close(getam(model, x, top2.tolist()), want)
+    torch.testing.assert_close(att_gradients(model, x, None, top_k=2), att_gradients(model, x, top2))
+    torch.testing.assert_close(grad_cam(model, x, top2[:, 0]), grad_cam(model, x, F.one_hot(top2[:, 0], 4).float()))
+    one = getam(model, x)                      # labels=None: the top-1 class only
+    assert one.flatten(2).amax(-1).gt(0).sum(1).tolist() == [1, 1, 1]
+    assert torch.equal(one.flatten(2).amax(-1).argmax(1), logits.argmax(1))
+    ragged = getam(model, x, [[0, 3], 1, []])
+    torch.testing.assert_close(ragged, getam(model, x, torch.tensor([[1., 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])))
+    with pytest.raises(ValueError, match="ambiguous"):
+        getam(model, x, torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="out of range"):
+        getam(model, x, torch.tensor([0, 1, 4]))
+    out = getam(model, x)
+    assert torch.is_tensor(out) and out.device == x.device and out.dtype == torch.float32
+
+
+def test_target_labels_by_hand():
+    logits = torch.tensor([[0., 3, 1, 2], [5, -1, 0, 4]])
+    assert target_labels(None, logits, top_k=3).tolist() == [[0., 1, 1, 1], [1, 0, 1, 1]]
+    assert target_labels(torch.tensor([[2, 2], [3, -1]]), logits).tolist() == [[0., 0, 1, 0], [0, 0, 0, 1]]
+    assert target_labels(torch.tensor([[True, False, False, True], [False] * 4]), logits).tolist() == [[1., 0, 0, 1], [0] * 4]
+    with pytest.raises(ValueError, match="one per image"):
+        target_labels([[0], [1], [2]], logits)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from getam import reproduce as R
+from getam import experiments as E, reproduce as R
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "nbs" / "reproduce"
@@ -46,7 +46,7 @@ def test_cli_list(capsys):
 
 def test_tables_are_written_as_markdown_and_csv(tmp_path):
     df = pd.DataFrame({"method": ["GETAM"], "ours": [27.349], "mIoU (reported by the paper)": [71.7]})
-    md, csv = R.save_table(df, tmp_path, "table1_x", "cap")
+    md, csv = E.save_table(df, tmp_path, "table1_x", "cap")
     assert md.read_text() == "cap\n\n| method | ours | mIoU (reported by the paper) |\n|---|---|---|\n| GETAM | 27.3 | 71.7 |\n"
     pd.testing.assert_frame_equal(pd.read_csv(csv), df)
 
@@ -56,9 +56,9 @@ def test_oracle_maps_score_100_and_uniform_maps_do_not():
     mask = torch.zeros(1, 16, 16, dtype=torch.long); mask[0, :, :8] = 1; mask[0, :, 8:] = 2; mask[0, :2] = 0
     x, lab, sal = torch.randn(1, 3, 16, 16), torch.tensor([[1., 1.]]), (mask > 0).long()
     oracle = lambda x, l: torch.stack([(mask == 1), (mask == 2)], 1).float()
-    assert R.pseudo_label_miou(oracle, x, lab, mask, sal, 2, refine=False)[0] == pytest.approx(100.0)
+    assert E.pseudo_label_miou(oracle, x, lab, mask, sal, 2, refine=False)[0] == pytest.approx(100.0)
     flat = lambda x, l: torch.ones(1, 2, 4, 4)
-    assert R.pseudo_label_miou(flat, x, lab, mask, sal, 2, refine=False)[0] < 80
+    assert E.pseudo_label_miou(flat, x, lab, mask, sal, 2, refine=False)[0] < 80
 
 
 @pytest.fixture
@@ -73,16 +73,16 @@ def tiny_synth(tmp_path, monkeypatch):
 
 def test_classifier_is_trained_once_then_loaded(tiny_synth, tmp_path):
     torch.set_num_threads(1)
-    m1 = R.classifier("vit", "synth", epochs=1, progress=False)
-    p = R.checkpoint_path("vit", "synth")
+    m1 = E.classifier("vit", "synth", epochs=1, progress=False)
+    p = E.checkpoint_path("vit", "synth")
     assert p.is_file() and p.parent == tmp_path / "runs" / "reproduce" / "checkpoints"
-    info = R.classifier_info("vit", "synth")
+    info = E.classifier_info("vit", "synth")
     assert info["epochs"] == 1 and info["train_images"] == 8
     mtime = p.stat().st_mtime_ns
-    m2 = R.classifier("vit", "synth", epochs=5, progress=False)      # cached: no retraining
+    m2 = E.classifier("vit", "synth", epochs=5, progress=False)      # cached: no retraining
     assert p.stat().st_mtime_ns == mtime
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()): assert torch.equal(a, b), k
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"): R.classifier("vit", "synth", checkpoint=tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"): E.classifier("vit", "synth", checkpoint=tmp_path / "nope.safetensors")
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_fig4_notebook_runs_through_papermill(tiny_synth, tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(0)
     ckpt = tmp_path / "vit.safetensors"
-    save_file({k: v.contiguous() for k, v in R.vit_classifier(6).state_dict().items()}, str(ckpt))
+    save_file({k: v.contiguous() for k, v in E.vit_classifier(6).state_dict().items()}, str(ckpt))
     before = sorted(p.name for p in NB_DIR.iterdir())
     df = R.run_reproduce("synth", only="fig4", out=tmp_path / "figures", checkpoint=str(ckpt), runs_dir=tmp_path / "runs",
                          progress=False, pretrain=False)
@@ -118,7 +118,7 @@ TINY_RUN = dict(epochs=2, batch_size=4, limit_val=4, plots=False)   # 2 steps pe
 
 
 def test_trained_run_is_trained_once_then_reused(tiny_synth, tmp_path):
-    r1 = R.trained_run("tiny", progress=False, **TINY_RUN)
+    r1 = E.trained_run("tiny", progress=False, **TINY_RUN)
     out = tmp_path / "runs" / "reproduce" / "train" / "tiny"
     assert r1["trained"] and r1["out_dir"] == out and (out / "pseudo_labels").is_dir()
     assert r1["metrics"]["steps"] == 4 and r1["metrics"]["n_val"] == 4
@@ -132,24 +132,24 @@ def test_trained_run_is_trained_once_then_reused(tiny_synth, tmp_path):
     sd = load_file(str(out / "model.safetensors"))
     for k, v in r1["model"].state_dict().items(): assert torch.equal(v, sd[k]), k
     mtime = (out / "metrics.json").stat().st_mtime_ns
-    r2 = R.trained_run("tiny", progress=True, **TINY_RUN)           # progress is display only: reused, not retrained
+    r2 = E.trained_run("tiny", progress=True, **TINY_RUN)           # progress is display only: reused, not retrained
     assert not r2["trained"] and (out / "metrics.json").stat().st_mtime_ns == mtime
     for (k, a), b in zip(r1["model"].state_dict().items(), r2["model"].state_dict().values()): assert torch.equal(a, b), k
-    with pytest.raises(ValueError, match=r"epochs: 2 -> 1"): R.trained_run("tiny", progress=False, retrain=False, **{**TINY_RUN, "epochs": 1})
+    with pytest.raises(ValueError, match=r"epochs: 2 -> 1"): E.trained_run("tiny", progress=False, retrain=False, **{**TINY_RUN, "epochs": 1})
     assert (out / "metrics.json").stat().st_mtime_ns == mtime     # the refusal left the cached run alone
-    r3 = R.trained_run("tiny", progress=False, **{**TINY_RUN, "epochs": 1})
+    r3 = E.trained_run("tiny", progress=False, **{**TINY_RUN, "epochs": 1})
     assert r3["trained"] and r3["metrics"]["steps"] == 2 and r3["cfg"].epochs == 1
-    with pytest.raises(ValueError, match="plain folder name"): R.trained_run("../tiny")
+    with pytest.raises(ValueError, match="plain folder name"): E.trained_run("../tiny")
 
 
 def test_load_run_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.json"): R.load_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="metrics.json"): E.load_run(tmp_path)
 
 
 def test_run_names_keep_quick_runs_apart():
-    assert R.run_name("synth", "main") == "synth-main"
-    assert R.run_name("synth", "main", quick=True) == "synth-main-quick"
-    assert set(R.QUICK) >= {"epochs", "limit_train"}
+    assert E.run_name("synth", "main") == "synth-main"
+    assert E.run_name("synth", "main", quick=True) == "synth-main-quick"
+    assert set(E.QUICK) >= {"epochs", "limit_train"}
 
 
 @pytest.fixture
@@ -188,13 +188,13 @@ def _params(nb: Path) -> dict:
 def test_notebook_budgets_are_the_ones_trained_ahead():
     "train_shared trains the runs the notebooks will ask for only while their budget parameters equal the module's defaults."
     p = {nb.stem.split("_")[0]: _params(nb) for nb in R.reproduce_notebooks(NB_DIR)}
-    assert p["table4"]["epochs"] == p["table6"]["epochs"] == p["fig11"]["coco_epochs"] == R.REDUCED_EPOCHS
+    assert p["table4"]["epochs"] == p["table6"]["epochs"] == p["fig11"]["coco_epochs"] == E.REDUCED_EPOCHS
     t5 = p["table5"]
-    assert dict(steps=t5["deeplab_steps"], backbone=t5["deeplab_backbone"], scales=t5["deeplab_scales"], crf=t5["crf"]) == R.DEEPLAB
+    assert dict(steps=t5["deeplab_steps"], backbone=t5["deeplab_backbone"], scales=t5["deeplab_scales"], crf=t5["crf"]) == E.DEEPLAB
 
 
 def test_shared_jobs_of_the_reproduce_notebooks():
-    B = R.BACKBONES
+    B = E.BACKBONES
     jobs = R.shared_jobs(R.reproduce_notebooks(NB_DIR))
     assert [(j.fn, j.kw.get("backbone") or j.kw.get("kind")) for j in jobs] == [
         ("deeplab_run", None), ("backbone_run", B["ViT-Hybrid"]), ("oracle_run", None), ("backbone_run", B["ViT"]),
@@ -207,9 +207,9 @@ def test_shared_jobs_of_the_reproduce_notebooks():
 
 
 def test_backbone_overrides_keep_the_token_size():
-    assert R.backbone_overrides(R.BACKBONES["ViT"]) == {} and R.backbone_overrides(R.BACKBONES["DeiT-Distilled"]) == {}
+    assert E.backbone_overrides(E.BACKBONES["ViT"]) == {} and E.backbone_overrides(E.BACKBONES["DeiT-Distilled"]) == {}
     state = torch.random.get_rng_state()
-    assert R.backbone_overrides(R.BACKBONES["ViT-Hybrid"]) == dict(patch_size=4, layers=[3, 4, 5])   # stride-4 stem x 4 = 16 px; last 3 of 6 blocks
+    assert E.backbone_overrides(E.BACKBONES["ViT-Hybrid"]) == dict(patch_size=4, layers=[3, 4, 5])   # stride-4 stem x 4 = 16 px; last 3 of 6 blocks
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -220,27 +220,27 @@ def test_train_shared_trains_in_parallel_what_the_notebooks_then_load(tiny_synth
     rows = R.train_shared(jobs, workers=2, threads=1, progress=False)
     assert [(r["notebook"], r["status"]) for r in rows] == [("(train) a", "ok"), ("(train) b", "ok"), ("(train) bad", "failed")]
     assert "plain folder name" in rows[2]["error"]
-    a, b = R.trained_run("a", progress=False, **TINY_RUN), R.trained_run("b", progress=False, **TINY_RUN, seed=1)
+    a, b = E.trained_run("a", progress=False, **TINY_RUN), E.trained_run("b", progress=False, **TINY_RUN, seed=1)
     assert not a["trained"] and not b["trained"]                       # cached by the child processes
-    ref = R.trained_run("ref", progress=False, **TINY_RUN)              # the same config here, one thread: the same weights
+    ref = E.trained_run("ref", progress=False, **TINY_RUN)              # the same config here, one thread: the same weights
     for k, v in ref["model"].state_dict().items(): assert torch.equal(v, a["model"].state_dict()[k]), k
 
 
 @pytest.mark.slow
 def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path, capsys):
     out = tmp_path / "runs" / "reproduce" / "train" / "cut"
-    with pytest.raises(RuntimeError, match="stopped early"): R.trained_run("cut", progress=False, stop_at_step=2, **TINY_RUN)
+    with pytest.raises(RuntimeError, match="stopped early"): E.trained_run("cut", progress=False, stop_at_step=2, **TINY_RUN)
     assert (out / "state.pt").is_file() and not (out / "metrics.json").is_file()
     first = pd.read_csv(out / "log.csv")
     assert first.step.tolist() == [0, 1]
     capsys.readouterr()
-    r = R.trained_run("cut", progress=False, **TINY_RUN)
+    r = E.trained_run("cut", progress=False, **TINY_RUN)
     assert "continuing the interrupted run from its checkpoint at step 2" in capsys.readouterr().out
     assert r["trained"] and r["metrics"]["steps"] == 4
     log = pd.read_csv(out / "log.csv")
     assert log.step.tolist() == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(log.iloc[:2], first)                   # steps 0-1 kept from the first call (their times too), 2-3 resumed
-    ref = R.trained_run("ref", progress=False, **TINY_RUN)
+    ref = E.trained_run("ref", progress=False, **TINY_RUN)
     for k, v in ref["model"].state_dict().items(): assert torch.equal(v, r["model"].state_dict()[k]), k
     pd.testing.assert_series_equal(log.loss, pd.read_csv(ref["out_dir"] / "log.csv").loss)
 

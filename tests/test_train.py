@@ -114,11 +114,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_amp_bf16_on_cpu_runs(tmp_path, monkeypatch):
-    "amp='bf16' really runs the forward in bfloat16 (the blocks' outputs are bf16) and still gives finite losses."
+    "amp='bf16' really runs the forward in bfloat16 (the attention's qkv projection outputs bf16) and still gives finite losses."
     import getam.step as step_module
     dtypes, real = [], step_module.step_losses
     def spy(model, batch, cfg, phase, autocast=None):
-        h = step_module._unwrap(model).backbone.blocks[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         try: return real(model, batch, cfg, phase, autocast)
         finally: h.remove()
     monkeypatch.setattr(step_module, "step_losses", spy)

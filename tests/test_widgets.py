@@ -251,3 +251,18 @@ def test_explorer_renders_in_jupyterlab_in_chromium(jupyterlab, tmp_path):
         finally:
             browser.close()
     assert (art / "layer_explorer.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", ["eva", "beit", "relpos", "vit_reg"])
+def test_image_maps_every_family(kind):
+    "LayerExplorer's maps on the other timm families: per-block GETAM sums to the fused map, which equals cams.getam."
+    import torch
+    from getam import cams, widgets
+    from getam.backbones import tiny_backbone
+    torch.manual_seed(0)
+    model = tiny_backbone(kind).eval()
+    x = torch.randn(3, 32, 32)
+    out = widgets.image_maps(model, x)
+    torch.testing.assert_close(torch.from_numpy(out["getam"]), cams.getam(model, x[None], torch.ones(1, 4))[0])
+    torch.testing.assert_close(torch.from_numpy(out["per_layer"]).sum(0), torch.from_numpy(out["getam"]))
+    assert out["a_cls"].shape == (3, 4, 4) and set(out["baselines"]) == set(widgets.BASELINES)
