@@ -215,7 +215,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'getam.experiments.trained_run': ('experiments.html#trained_run', 'getam/experiments.py'),
                                    'getam.experiments.vit_classifier': ('experiments.html#vit_classifier', 'getam/experiments.py')},
             'getam.explain': { 'getam.explain.Explanation': ('explain.html#explanation', 'getam/explain.py'),
-                               'getam.explain.colorize': ('explain.html#colorize', 'getam/explain.py'),
                                'getam.explain.explain': ('explain.html#explain', 'getam/explain.py'),
                                'getam.explain.overlay': ('explain.html#overlay', 'getam/explain.py'),
                                'getam.explain.show': ('explain.html#show', 'getam/explain.py')},

@@ -9,11 +9,11 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from . import cams
+from . import cams, widgets
 from .data import denormalize
 
 # %% auto #0
-__all__ = ['METHODS', 'Explanation', 'explain', 'colorize', 'overlay', 'show']
+__all__ = ['METHODS', 'Explanation', 'explain', 'overlay', 'show']
 
 # %% ../nbs/22_explain.ipynb #725782ac
 METHODS: dict[str, Callable] = {"getam": cams.getam, "att_gradients": cams.att_gradients, "grad_cam": cams.grad_cam}
@@ -41,19 +41,11 @@ def explain(model: nn.Module, images: torch.Tensor, labels=None, method: str | C
     return Explanation(maps, raw, labels, scores, classes)
 
 # %% ../nbs/22_explain.ipynb #e2be3a8a
-def colorize(m: torch.Tensor, cmap: str = "jet") -> torch.Tensor:
-    "A map [H, W] in [0, 1] → uint8 RGB [H, W, 3] through a matplotlib colormap."
-    from matplotlib import colormaps
-    rgba = colormaps[cmap](m.detach().float().clamp(0, 1).cpu().numpy())
-    return torch.from_numpy((rgba[..., :3] * 255).round().astype("uint8"))
-
 def overlay(image: torch.Tensor, m: torch.Tensor, opacity: float = 0.5, cmap: str = "jet", mean=None, std=None) -> torch.Tensor:
-    "Blend map `m` [h, w] (max-normalised, resized bilinearly) over `image` ([3, H, W] uint8 or normalised float) → uint8 [H, W, 3]."
+    "`getam.widgets.overlay` for torch: map `m` [h, w] (max-normalised, resized bilinearly) over `image` ([3, H, W] uint8 or normalised float) → uint8 [H, W, 3]."
     img = image if image.dtype == torch.uint8 else denormalize(image, mean, std)
-    H, W = img.shape[-2:]
-    m = cams.normalize_maps(cams.resize_maps(m.detach().float().cpu()[None, None], (H, W)))[0, 0]
-    out = (1 - opacity) * img.cpu().permute(1, 2, 0).float() + opacity * colorize(m, cmap).float()
-    return out.round().clamp(0, 255).to(torch.uint8)
+    rgb = widgets.overlay(img.cpu().permute(1, 2, 0).numpy(), m.detach().float().cpu().numpy(), opacity, cmap)
+    return torch.from_numpy(rgb)
 
 def show(exp: Explanation, images: torch.Tensor, class_names: Sequence[str] | None = None, opacity: float = 0.5,
          cmap: str = "jet", mean=None, std=None, size: float = 2.2):

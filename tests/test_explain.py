@@ -1,10 +1,12 @@
 "Tests of getam.explain: one call from a user's ViT to normalised, image-sized maps of chosen or predicted classes, and the overlay."
 import pytest
+import numpy as np
 import torch
 
 from getam.backbones import tiny_backbone
 from getam.cams import att_gradients, getam, normalize_maps, resize_maps
-from getam.explain import colorize, explain, overlay
+from getam.explain import explain, overlay
+from getam.widgets import colorize
 
 
 def test_explain_topk_is_getam_of_the_predicted_classes():
@@ -44,7 +46,7 @@ def test_overlay_by_hand():
     assert full[0, 1].tolist() == [255, 255, 255] and full[0, 0].tolist() == [0, 0, 0]
     half = overlay(image, m, opacity=0.5, cmap="gray")
     assert half[0, 1].tolist() == [228, 128, 128]            # (200 + 255) / 2 = 227.5 → 228, (0 + 255) / 2 → 128
-    assert colorize(torch.tensor([[0., 1.]]), "gray").tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    assert colorize(np.array([[0., 1.]]), "gray").tolist() == [[[0, 0, 0], [255, 255, 255]]]
     # a normalised float image is denormalised first (ImageNet stats by default)
     f = (torch.full((3, 2, 2), 0.5) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     assert torch.equal(overlay(f, m, opacity=0.0)[0, 0], torch.tensor([128, 128, 128], dtype=torch.uint8))
