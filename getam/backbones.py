@@ -101,8 +101,18 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
     sd = load_weights_file(weights)
     overlay = dict(state_dict=sd)
     if _head_classes(sd) == num_classes: overlay["num_classes"] = num_classes  # keep a matching head
-    try: return timm.create_model(tname, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
+    try: model = timm.create_model(tname, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e: raise ValueError(f"weights file {weights} does not fit {tname}: {e}") from e
+    return _check_fit(model, sd, weights, tname)
+
+def _check_fit(model: nn.Module, sd: dict, weights, tname: str) -> nn.Module:
+    "`model`, unless most of its tensors found no weights in `sd`: timm loads non-strictly, so a foreign file would pass unnoticed."
+    own = [k for k in model.state_dict() if not k.startswith(("head.", "fc.", "head_dist."))]
+    missing = [k for k in own if k not in sd]
+    if len(missing) > len(own) // 2:
+        raise ValueError(f"weights file {weights} does not fit {tname}: {len(missing)} of its {len(own)} tensors have no weights there "
+                         f"(e.g. {missing[:3]}; the file has {list(sd)[:3]}); expected a timm state dict of {tname} with the same width, depth and patch size")
+    return model
 
 # %% ../nbs/20_backbones.ipynb #37a38928
 TINY_KINDS = ("vit", "deit", "deit_distilled", "vit_hybrid", "vit_reg", "clip", "deit3", "eva", "beit", "relpos")

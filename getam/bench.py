@@ -15,7 +15,7 @@ from .cams import _released_recipe, maps_from_attention
 from .losses import seg_loss
 from .step import step_losses, training_targets
 from .train import TrainConfig, build_model
-from .utils import format_timings, time_side_by_side
+from .utils import format_timings, run_cli, time_side_by_side
 
 
 # %% auto #0
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None):
     return run_benchmark(a.name, threads=a.threads, repeats=a.repeats)
 
 # %% ../nbs/99_bench.ipynb #f9aa4589
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

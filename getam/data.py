@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SYNTH_CLASSES, VOC_CLASSES
 from .images import PALETTE, read_image, read_png, write_palette_png
-from .utils import atomic_path
+from .utils import atomic_path, run_cli
 from .config import setting
 from fastprogress.fastprogress import progress_bar
 
@@ -40,6 +40,15 @@ class _SegDataset(Dataset):
     def num_classes(self) -> int: return len(self.class_names) - 1
     def __len__(self): return len(self.ids)
 
+def _read_labels(f: Path) -> dict:
+    "The dict id -> multi-hot labels of a `cls_labels.npy`, or an error naming the file and what it should hold."
+    try: labels = np.load(f, allow_pickle=True)
+    except Exception as e: raise ValueError(f"{f}: cannot read it ({type(e).__name__}: {e}); expected a NumPy file of a dict id -> multi-hot float32[C]") from e
+    if labels.shape != () or not isinstance(labels.item(), dict):
+        raise ValueError(f"{f}: holds an array of shape {labels.shape}, expected a dict id -> multi-hot float32[C] "
+                         "(rebuild it with `python -m getam.data voc-labels`)")
+    return labels.item()
+
 # %% ../nbs/10_data.ipynb #d6a55a69
 class VOCDataset(_SegDataset):
     "VOC-layout segmentation data: items `{image, label, mask, [saliency], name}`."
@@ -63,7 +72,7 @@ class VOCDataset(_SegDataset):
             if self.mask_dir is None: raise _missing(self.root / "SegmentationClassAug", "the class masks ({id}.png; or SegmentationClass/)", root_key)
             f = self.root / "cls_labels.npy"
             if not f.is_file(): raise _missing(f, "the image-level labels, a dict id -> multi-hot float32[C] (build it with `python -m getam.data voc-labels`)", root_key)
-            self.labels_file, self.labels = f, np.load(f, allow_pickle=True).item()
+            self.labels_file, self.labels = f, _read_labels(f)
         self._set_saliency_root(saliency_root, saliency_key, "{id}")
 
     def label(self, name: str) -> torch.Tensor:
@@ -353,4 +362,4 @@ def main(argv: list[str] | None = None):
     else: print(voc_cls_labels(a.root or setting("voc_root"), a.splits, a.out))
 
 # %% ../nbs/10_data.ipynb #f5c29cde
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

@@ -18,7 +18,7 @@ from .infer import evaluate_model, export_voc_test, segmenter_fn
 from .loop import load_checkpoint
 from .metrics import metrics, score_folder
 from .train import TrainConfig, build_model
-from .utils import atomic_path
+from .utils import atomic_path, run_cli
 
 # The names users called as getam.evaluate.* before the metrics, the CRF and the inference protocol got their own modules
 from .crf import CRF_INSTALL, CRF_PARAMS, crf_batch, dense_crf  # noqa: F401
@@ -98,4 +98,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return res
 
 # %% ../nbs/85_evaluate.ipynb #cac3b0bc
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

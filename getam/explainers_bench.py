@@ -18,7 +18,7 @@ from .classify import multilabel_f1
 from .experiments import checkpoint_path, classifier, classifier_info, load_split, stack_items
 from .faithfulness import deletion_insertion, energy_pointing_game, pointing_game, update_pseudo_label_cm
 from .metrics import ConfusionMatrix
-from .utils import atomic_path
+from .utils import atomic_path, run_cli
 
 
 # %% auto #0
@@ -142,4 +142,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return benchmark(a.weights, a.root, a.size, a.n_images, a.batch_size, a.steps, a.epochs, a.out, a.name, a.threads)
 
 # %% ../nbs/98_explainers_bench.ipynb #c7183991
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

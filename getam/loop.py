@@ -4,7 +4,7 @@
 
 # %% ../nbs/62_loop.ipynb #4fcf4b3e
 from __future__ import annotations
-import csv, json, math, os, random, time
+import csv, json, math, os, random, shutil, time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -143,8 +143,16 @@ def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scale
         if not (out_dir / f).is_file():
             raise FileNotFoundError(f"no checkpoint in {out_dir}: {f} is missing (expected model.safetensors + state.pt written by getam.train; "
                                     f"out_dir defaults to the settings.ini key runs_dir / run_name)")
-    _unwrap(model).load_state_dict(load_file(str(out_dir / "model.safetensors"), device="cpu"))
-    state = torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        weights = load_file(str(out_dir / "model.safetensors"), device="cpu")
+        state = torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated or foreign files: say which folder, not a pickle traceback
+        raise ValueError(f"{out_dir}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:120]}); expected model.safetensors + state.pt "
+                         "written by getam (an interrupted copy?); delete the folder or point out_dir elsewhere") from e
+    try: _unwrap(model).load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{out_dir}/model.safetensors: does not fit this model ({str(e).splitlines()[-1].strip()[:160]}); "
+                         "was it written with another backbone or number of classes?") from e
     if optimizer is not None: optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"): scaler.load_state_dict(state["scaler"])
     if restore_rng: _set_rng_state(state["rng"])
@@ -186,10 +194,10 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
                                                find_unused_parameters=True)
 
 def _restore(out_dir: Path | None, model: nn.Module, optimizer, scaler) -> tuple[int, int, int, list, list]:
-    "(epoch, step, steps done in that epoch, log rows, history) from `out_dir`'s checkpoint; a fresh start when there is none."
+    "(epoch, step, steps done in that epoch, log rows, history) from `out_dir`'s checkpoint (an error when there is none)."
     if out_dir is None or not (out_dir / "state.pt").is_file():
-        if dist_info()[0] == 0: print(f"resume=True but no checkpoint in {out_dir}; starting from scratch")
-        return 0, 0, 0, [], []
+        raise FileNotFoundError(f"{out_dir}: no checkpoint to resume from (expected state.pt and model.safetensors of an earlier run "
+                                "in this folder); check out_dir, or run without resume to start afresh")
     st = load_checkpoint(out_dir, model, optimizer, scaler)
     history = json.loads(st["extra"].get("val_hist", "[]")) if st.get("extra") else []
     return st["epoch"], st["step"], st["epoch_step"], _read_log(out_dir / "log.csv", upto=st["step"]), history
@@ -221,6 +229,7 @@ def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimize
     ctx = StepContext(net, optimizer, scaler, _autocast(device, amp), total, device)
     log_path = out_dir / "log.csv" if out_dir else None
     epoch, step, skip, log, history = _restore(out_dir, model, optimizer, scaler) if resume else (0, 0, 0, [], [])
+    fresh_dir = out_dir is not None and not out_dir.exists()   # made by this run: removed again if it fails before a checkpoint
     if rank == 0 and out_dir: out_dir.mkdir(parents=True, exist_ok=True); _write_log(log_path, log, log_fields)
     last_ckpt = step if resume else None
     def checkpoint(e, s, es):
@@ -263,6 +272,9 @@ def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimize
                 history.append(res)
                 if show: epochs_bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)))
             checkpoint(epoch + 1, step, 0)
+    except BaseException:
+        if fresh_dir and rank == 0 and last_ckpt is None: shutil.rmtree(out_dir, ignore_errors=True)   # nothing half-written left
+        raise
     finally:
         if logf: logf.close()
     return dict(log=log, history=history, step=step, stopped=stopped, train_time_s=time.perf_counter() - t0, net=net)

@@ -22,7 +22,7 @@ from .images import read_png
 from .infer import evaluate_model
 from .loop import StepContext, fit
 from .metrics import metrics
-from .utils import atomic_path, seed_everything
+from .utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
@@ -152,4 +152,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return res
 
 # %% ../nbs/66_multistage.ipynb #5b94518d
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

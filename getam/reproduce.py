@@ -4,7 +4,7 @@
 
 # %% ../nbs/80_reproduce.ipynb #c92b35fe
 from __future__ import annotations
-import argparse, dataclasses, multiprocessing as mp, os, sys, time
+import argparse, dataclasses, multiprocessing as mp, os, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +14,7 @@ from fastprogress.fastprogress import progress_bar
 
 from .experiments import (BACKBONES, REDUCED_EPOCHS, backbone_run, classifier, coco_run, dataset_root, deeplab_run,
                                main_run, markdown_table, oracle_run, runs_root, synth_coco_root)
+from .utils import run_cli
 
 
 # %% auto #0
@@ -26,7 +27,9 @@ KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supp
 def reproduce_notebooks(nb_dir: str | Path | None = None, only: str | Sequence[str] | None = None) -> list[Path]:
     "The notebooks `figN_*` / `tableN_*` / `suppN_*.ipynb` of `nb_dir` (default `nbs/reproduce/`) in paper order, keeping `only` (e.g. 'fig2,table1,supp1')."
     nb_dir = Path(nb_dir) if nb_dir else Path(__file__).resolve().parents[1] / "nbs" / "reproduce"
-    if not nb_dir.is_dir(): raise FileNotFoundError(f"{nb_dir}: not found; expected the folder of reproduce notebooks (nbs/reproduce/ of a source checkout)")
+    if not nb_dir.is_dir():
+        raise FileNotFoundError(f"{nb_dir}: not found; the reproduce notebooks come with a source checkout of getam (nbs/reproduce/), "
+                                "not with the installed package: run from a clone of the repository, or pass --nb-dir")
     kind = lambda p: p.stem.split("_")[0].rstrip("0123456789")
     nbs = [p for p in nb_dir.glob("*.ipynb") if kind(p) in KINDS]
     key = lambda p: (KINDS.index(kind(p)), int("".join(ch for ch in p.stem.split("_")[0] if ch.isdigit()) or 0), p.stem)
@@ -106,6 +109,7 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
             try: rows[i] = row(jobs[i], "ok", f.result())
             except Exception as e: rows[i] = row(jobs[i], "failed", time.time() - t0, fail(e))
     finally: ex.shutdown(wait=True, cancel_futures=True)
+    return rows
 
 
 # %% ../nbs/80_reproduce.ipynb #c6346827
@@ -168,4 +172,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int((df.status != "ok").any())
 
 # %% ../nbs/80_reproduce.ipynb #2cfd8a55
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": run_cli(main)

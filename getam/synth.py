@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 
 from .classes import NUM_SYNTH, SYNTH_CLASSES
 from .images import PALETTE, write_jpeg, write_png, write_palette_png
-from .utils import atomic_path
+from .utils import atomic_path, run_cli
 from fastprogress.fastprogress import progress_bar
 from .config import setting
 
@@ -240,4 +240,4 @@ def main(argv: list[str] | None = None):
     print(f"SynthVOC ({a.format}, seed {a.seed}): {a.n_train} train + {a.n_val} val images of {a.size}px in {out} ({time.perf_counter() - t0:.1f} s)")
 
 # %% ../nbs/11_synth.ipynb #783b854f
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

@@ -22,7 +22,7 @@ from .loop import _parse_value, dist_info, fit
 from .model import GetamSegmenter
 from .step import lr_at, phase2_start, train_step
 from .synth import ensure_synthvoc
-from .utils import atomic_path, seed_everything
+from .utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
@@ -309,4 +309,4 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 # %% ../nbs/65_train.ipynb #18e7999e
-if __name__ == "__main__": main()
+if __name__ == "__main__": run_cli(main)

@@ -4,16 +4,16 @@
 
 # %% ../nbs/01_utils.ipynb #e2b0af47
 from __future__ import annotations
-import os, random, tempfile, time
+import os, random, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['seed_everything', 'atomic_path', 'time_side_by_side', 'format_timings']
+__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'time_side_by_side', 'format_timings', 'run_cli']
 
 # %% ../nbs/01_utils.ipynb #329a91e7
 def seed_everything(seed: int) -> None:
@@ -54,3 +54,20 @@ def format_timings(times: dict[str, float], baseline: str | None = None) -> str:
     rows = [f"{'':{w}}  {'ms/call':>10}  {'× ' + baseline:>14}"]
     rows += [f"{k:{w}}  {v*1e3:10.1f}  {v/times[baseline]:14.2f}" for k, v in times.items()]
     return "\n".join(rows)
+
+# %% ../nbs/01_utils.ipynb #e2ffba41
+USER_ERRORS = (OSError, ValueError, KeyError, EOFError)   # what a bad path, file, value or checkpoint raises here
+
+def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
+    "Run a command's `main(argv)`: user errors (`USER_ERRORS`) print `error: ...` on stderr and exit 2, unless `--debug` / `GETAM_DEBUG=1`."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GETAM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try: rc = main(argv)
+    except USER_ERRORS as e:
+        if debug: raise
+        msg = str(e).strip() or type(e).__name__
+        if isinstance(e, KeyError): msg = f"missing key {msg}"
+        print(f"error: {msg}\n(run with --debug or GETAM_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
