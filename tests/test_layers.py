@@ -13,7 +13,7 @@ LAYERS = {
     2: ["cams", "pamr", "completion", "crf", "metrics", "faithfulness"],           # the method
     3: ["model", "deeplab"],                                                       # models
     4: ["losses", "loop", "step", "infer", "train", "multistage", "classify", "pretrain"],   # training
-    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench", "cli"],  # entry points
+    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench", "gpucheck", "cli"],  # entry points
 }
 LAYER = {m: k for k, ms in LAYERS.items() for m in ms}
 

@@ -222,7 +222,8 @@ def jupyterlab(tmp_path):
 @pytest.mark.slow
 def test_explorer_renders_in_jupyterlab_in_chromium(jupyterlab, tmp_path):
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run the browser check")
+        pytest.skip(f"{CHROMIUM} is missing: the browser check needs a chromium binary, which pip cannot install; "
+                    "get one with apt-get install chromium (Debian/Ubuntu, as root) — Playwright drives it and downloads none")
     pw = pytest.importorskip("playwright.sync_api", reason="the playwright python package is missing (pip install playwright)")
     url, token = jupyterlab
     _write_notebook(tmp_path / "explorer.ipynb")
