@@ -24,9 +24,10 @@ from .config import setting
 
 
 # %% auto #0
-__all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'TINY_KINDS', 'resolve_name',
-           'load_weights_file', 'weights_candidates', 'create_backbone', 'tiny_backbone', 'vit_of', 'is_hybrid',
-           'default_layers', 'resolve_layers', 'check_class_token_readout', 'AttentionRecorder', 'record_attention']
+__all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'SHIPPED_WEIGHTS', 'ARCH_KEYS',
+           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_suffix', 'weights_candidates', 'create_backbone',
+           'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers', 'check_class_token_readout',
+           'AttentionRecorder', 'record_attention']
 
 # %% ../nbs/20_backbones.ipynb #162e8ff5
 ALIASES = {
@@ -64,12 +65,22 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 # %% ../nbs/20_backbones.ipynb #04eb8309
-def weights_candidates(name: str, weights_dir: str | Path | None = None) -> list[Path]:
-    "Where `create_backbone` looks for local weights of `name`: `<weights_dir>/<timm name or alias>.{safetensors,pth}`."
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" if "__file__" in globals() else Path("../getam/weights").resolve()
+ARCH_KEYS = {"patch_size": "p", "embed_dim": "w", "depth": "d", "num_heads": "h"}   # architecture overrides, in weight-file names
+
+def arch_suffix(arch: dict | None) -> str:
+    "The file-name suffix of architecture overrides: `dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)` → `-p16-w64-d6-h2`."
+    return "".join(f"-{k}{arch[a]}" for a, k in ARCH_KEYS.items() if arch and arch.get(a) is not None)
+
+def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> list[Path]:
+    """Where `create_backbone` looks for local weights of `name` (with `arch` overrides, e.g. the embedded world's small
+    ViTs): `<weights_dir>/<timm name or alias><arch_suffix>.{safetensors,pth}` first, then the weights shipped with getam
+    (`getam/weights/`, pretrained on generated scenes by `getam.pretrain`)."""
     if weights_dir is None:
         weights_dir = setting("weights_dir")
-    names = dict.fromkeys([resolve_name(name), name])
-    return [Path(weights_dir) / f"{n}{ext}" for n in names for ext in (".safetensors", ".pth")]
+    suffixes = dict.fromkeys([arch_suffix(arch), ""])
+    names = [f"{n}{s}" for s in suffixes for n in dict.fromkeys([resolve_name(name), name])]
+    return [Path(d) / f"{n}{ext}" for d in (weights_dir, SHIPPED_WEIGHTS) for n in names for ext in (".safetensors", ".pth")]
 
 # %% ../nbs/20_backbones.ipynb #257d8652
 def _head_classes(sd: dict) -> int | None:
@@ -88,13 +99,15 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
         raise ValueError(f"backbone {name!r} ({tname}) is neither a timm VisionTransformer nor a ResNet; "
                          f"expected a name from timm's modules {VIT_MODULES + CNN_MODULES}")
     if weights is None and pretrained:
-        cands = weights_candidates(name, weights_dir)
+        arch = {k: kwargs[k] for k in ARCH_KEYS if k in kwargs}
+        cands = weights_candidates(name, weights_dir, arch)
         weights = next((p for p in cands if p.is_file()), None)
         if weights is None:
             where = ", ".join(map(str, cands))
             msg = (f"pretrained weights for {tname} not found locally: looked for {where}. Put the file there, set "
                    f"weights_dir in settings.ini (or GETAM_WEIGHTS_DIR), or pass weights=PATH")
             if not download: raise FileNotFoundError(msg + " (download=False, so timm was not asked)")
+            if arch: raise FileNotFoundError(msg + f" (timm's own weights do not fit the overrides {arch})")
             try: return timm.create_model(tname, pretrained=True, num_classes=num_classes, **kwargs)
             except Exception as e: raise FileNotFoundError(f"{msg}; timm could not download them either: {e}") from e
     if weights is None: return timm.create_model(tname, pretrained=False, num_classes=num_classes, **kwargs)

@@ -18,7 +18,7 @@ from .config import setting
 
 
 # %% auto #0
-__all__ = ['SYNTH_DEFAULTS', 'synth_sample', 'make_synthvoc', 'ensure_synthvoc', 'object_stats', 'main']
+__all__ = ['BENCHMARK_SEED_LIMIT', 'SYNTH_DEFAULTS', 'synth_sample', 'make_synthvoc', 'ensure_synthvoc', 'object_stats', 'main']
 
 # %% ../nbs/11_synth.ipynb #af7656da
 _MARK = {  # class -> (colour A, colour B) of the marker pattern
@@ -145,6 +145,8 @@ def _saliency(rng, inst, cls_map, ids, clutter, S, f=1.0):
     return np.rint(sal * 255).astype(np.uint8), info
 
 # %% ../nbs/11_synth.ipynb #55a8f949
+BENCHMARK_SEED_LIMIT = 1_000_000   # benchmark seeds are below it; getam.pretrain's corpora use seeds from it on
+
 def _rle(m: np.ndarray) -> dict:
     from pycocotools import mask as mu
     r = mu.encode(np.asfortranarray(m.astype(np.uint8))); r["counts"] = r["counts"].decode("ascii")
@@ -154,6 +156,8 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
                   progress: bool = False) -> Path:
     "Generate SynthVOC into `out` (VOC layout, or COCO format with `fmt='coco'`); returns `out`."
     if fmt not in ("voc", "coco"): raise ValueError(f"unknown format {fmt!r}; valid: voc, coco")
+    if not 0 <= seed < BENCHMARK_SEED_LIMIT:
+        raise ValueError(f"seed={seed}: SynthVOC benchmark seeds are 0..{BENCHMARK_SEED_LIMIT - 1}; larger seeds are reserved for pretraining corpora (getam.pretrain)")
     if size < 32: raise ValueError(f"size={size}: expected at least 32 pixels")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     meta = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, format=fmt, class_names=SYNTH_CLASSES, objects={})

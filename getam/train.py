@@ -47,12 +47,12 @@ class TrainConfig:
     limit_val: int | None = None      # evaluate on the first N validation images
     # model
     backbone: str = "vit_tiny_patch16_224"  # a timm ViT name or vit | vit_hybrid | deit | deit_distilled
-    pretrained: bool = False          # load pretrained backbone weights from weights_dir (offline)
+    pretrained: bool = False          # load pretrained backbone weights: weights_dir, then the shipped ones (offline)
     weights: str | None = None        # explicit weights file for the backbone
-    patch_size: int | None = None     # override the backbone's patch size (training from scratch only)
-    depth: int | None = None          # override the number of transformer blocks (from scratch only)
-    embed_dim: int | None = None      # override the token width (from scratch only)
-    num_heads: int | None = None      # override the number of attention heads (from scratch only)
+    patch_size: int | None = None     # override the backbone's patch size
+    depth: int | None = None          # override the number of transformer blocks
+    embed_dim: int | None = None      # override the token width
+    num_heads: int | None = None      # override the number of attention heads
     features: int | None = None       # decoder width (None: 256 for ViT-B, smaller for small ViTs)
     head_stride: int = 2              # decoder head at stride 2 (DPT) or 4 (cheaper)
     cls_head: str = "token"           # token (class token, timm head) | pooled (mean of patch tokens, released)
@@ -116,13 +116,13 @@ ARCH_OVERRIDES = ("patch_size", "depth", "embed_dim", "num_heads")
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
     """A checked `TrainConfig`: the defaults, then the `preset`, then every keyword that is not None (None = keep the
-    preset's value or the default). With pretrained weights, the preset's architecture overrides are dropped."""
+    preset's value or the default). A preset's architecture overrides stay with `pretrained=True`: the weights are then
+    looked up under the overridden architecture's name (`getam.backbones.weights_candidates`), e.g. the shipped ones."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if bad := sorted(set(kw) - names): raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
     if preset not in CHOICES["preset"]: raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
     given = {k: v for k, v in kw.items() if v is not None}
     base = dict(PRESETS[preset]) if preset else {}
-    if given.get("pretrained") or given.get("weights"): base = {k: v for k, v in base.items() if k not in ARCH_OVERRIDES}
     vals = {**base, **given}
     if preset == "released" and given.get("dataset") == "coco" and "alpha" not in given: vals["alpha"] = 0.95
     cfg = TrainConfig(**vals, preset=preset)
@@ -158,9 +158,8 @@ def resolve_paths(cfg: TrainConfig) -> dict:
     return dict(root=root, saliency_root=sal, train_split=train_split, val_split=val_split, out_dir=out)
 
 def build_model(cfg: TrainConfig, num_classes: int) -> GetamSegmenter:
-    "The two-branch model of a config (backbone from getam.backbones; `patch_size`/`depth`/`embed_dim`/`num_heads` overrides from scratch)."
+    "The two-branch model of a config (backbone from getam.backbones, with the `patch_size`/`depth`/`embed_dim`/`num_heads` overrides)."
     kw = {k: v for k, v in dict(patch_size=cfg.patch_size, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items() if v is not None}
-    if kw and (cfg.pretrained or cfg.weights): raise ValueError(f"architecture overrides {kw} only work from scratch (pretrained=False, weights=None)")
     if cfg.drop_path: kw["drop_path_rate"] = cfg.drop_path
     return GetamSegmenter(cfg.backbone, num_classes=num_classes, img_size=cfg.crop_size, features=cfg.features,
                           cls_head=cfg.cls_head, pretrained=cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,

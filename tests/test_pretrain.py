@@ -1,0 +1,60 @@
+"getam.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit for bit; its seeds never meet the benchmark's."
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from getam.backbones import create_backbone
+from getam.classes import NUM_SYNTH
+from getam.pretrain import PRETRAIN_SEED, SceneCorpus, pretrain
+from getam.synth import BENCHMARK_SEED_LIMIT, make_synthvoc, synth_sample
+
+ARCH = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrain")
+    val = make_synthvoc(d / "synth", n_train=4, n_val=8, size=64)
+    rec = pretrain("vit_tiny_patch16_224", ARCH, steps=40, batch_size=8, lr=3e-3, warmup=4, size=64, out_dir=d / "w",
+                   val_root=val, progress=False, command="(test)", run_dir=d / "run")
+    return d, rec
+
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_loss_and_write_weights_and_record(run):
+    d, rec = run
+    log = [r["loss"] for r in __import__("csv").DictReader(open(d / "run" / "log.csv"))]
+    first, last = np.mean([float(v) for v in log[:8]]), np.mean([float(v) for v in log[-8:]])
+    assert last < first, (first, last)
+    on_disk = json.loads((d / "w" / "vit_tiny_patch16_224-p16-w32-d2-h2.json").read_text())
+    assert on_disk == rec and rec["steps"] == 40 and rec["corpus"]["scenes"] == 320 and rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT
+    import hashlib
+    assert rec["sha256"] == hashlib.sha256((d / "w" / rec["file"]).read_bytes()).hexdigest()
+    assert 0 <= rec["synthvoc_val_micro_f1"] <= 1 and rec["command"] == "(test)"
+
+
+@pytest.mark.slow
+def test_pretrained_true_loads_the_file_bit_for_bit_head_kept_or_replaced(run):
+    d, rec = run
+    sd = load_file(str(d / "w" / rec["file"]))
+    same = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=NUM_SYNTH, img_size=64, weights_dir=d / "w", **ARCH)
+    assert same.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in same.state_dict().items())
+    other = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=20, img_size=64, weights_dir=d / "w", **ARCH)
+    assert other.head.weight.shape == (20, 32)
+    assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items() if not k.startswith("head."))
+    with pytest.raises(FileNotFoundError, match="p16-w48"):   # another width: its weights are looked up under its own name
+        create_backbone("vit_tiny_patch16_224", pretrained=True, img_size=64, weights_dir=d / "w", **dict(ARCH, embed_dim=48))
+
+
+def test_pretraining_and_benchmark_seeds_cannot_meet(tmp_path):
+    with pytest.raises(ValueError, match="reserved for pretraining"): make_synthvoc(tmp_path, seed=BENCHMARK_SEED_LIMIT)
+    with pytest.raises(ValueError, match="pretraining seeds start at"): SceneCorpus(seed=BENCHMARK_SEED_LIMIT - 1)
+    assert PRETRAIN_SEED == BENCHMARK_SEED_LIMIT
+    # a scene is drawn from the stream (seed, split, index): pretraining uses its own split as well as its own seeds
+    a, b = synth_sample(PRETRAIN_SEED, "pretrain", 0, 64), synth_sample(0, "train", 0, 64)
+    assert not np.array_equal(a["image"], b["image"])
+    item = SceneCorpus(n=2, size=64)[0]
+    assert set(item) == {"image", "label"}   # image-level labels only: no mask, no saliency
