@@ -58,3 +58,18 @@ def test_pretraining_and_benchmark_seeds_cannot_meet(tmp_path):
     assert not np.array_equal(a["image"], b["image"])
     item = SceneCorpus(n=2, size=64)[0]
     assert set(item) == {"image", "label"}   # image-level labels only: no mask, no saliency
+
+
+def test_the_shipped_vit_loads_offline_bit_for_bit(tmp_path):
+    "The synth preset's ViT ships with getam: pretrained=True finds it (after an empty weights_dir), bit for bit, as its record says."
+    from getam.backbones import SHIPPED_WEIGHTS
+    name = "vit_tiny_patch16_224-p16-w64-d6-h2"
+    rec = json.loads((SHIPPED_WEIGHTS / f"{name}.json").read_text())
+    import hashlib
+    assert hashlib.sha256((SHIPPED_WEIGHTS / rec["file"]).read_bytes()).hexdigest() == rec["sha256"]
+    assert rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT and rec["corpus"]["labels"] == "image-level only"
+    assert rec["synthvoc_val_micro_f1"] >= 0.95 and rec["command"].startswith("python -m getam.pretrain")
+    sd = load_file(str(SHIPPED_WEIGHTS / rec["file"]))
+    arch = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)
+    m = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=NUM_SYNTH, img_size=128, weights_dir=tmp_path, **arch)
+    assert m.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
