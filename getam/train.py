@@ -26,9 +26,9 @@ from .utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
-__all__ = ['CHOICES', 'PRESETS', 'ARCH_OVERRIDES', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config', 'resolve_paths',
-           'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs', 'arg_parser',
-           'main']
+__all__ = ['CHOICES', 'PRESETS', 'FINETUNE', 'ARCH_OVERRIDES', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config',
+           'resolve_paths', 'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs',
+           'arg_parser', 'main']
 
 # %% ../nbs/65_train.ipynb #932934e2
 @dataclass
@@ -112,17 +112,22 @@ PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292)
            "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2, head_stride=4,
                          crop_size=128, batch_size=16, epochs=80, cls_only_frac=0.75, optimizer="adamw", lr=1e-3,
                          weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0, decoder_lr_mult=10.0)}
+# A preset's schedule when it fine-tunes pretrained weights (`pretrained=True`): the synth ViT's weights come from
+# getam.pretrain and need no long classification phase; from scratch (`pretrained=False`) the preset's own schedule holds.
+FINETUNE = {"synth": dict(epochs=20, cls_only_frac=0.25)}
 ARCH_OVERRIDES = ("patch_size", "depth", "embed_dim", "num_heads")
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
     """A checked `TrainConfig`: the defaults, then the `preset`, then every keyword that is not None (None = keep the
     preset's value or the default). A preset's architecture overrides stay with `pretrained=True`: the weights are then
-    looked up under the overridden architecture's name (`getam.backbones.weights_candidates`), e.g. the shipped ones."""
+    looked up under the overridden architecture's name (`getam.backbones.weights_candidates`), e.g. the shipped ones,
+    and the preset's fine-tuning schedule (`FINETUNE`) replaces its from-scratch one."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if bad := sorted(set(kw) - names): raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
     if preset not in CHOICES["preset"]: raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
     given = {k: v for k, v in kw.items() if v is not None}
     base = dict(PRESETS[preset]) if preset else {}
+    if given.get("pretrained") and preset in FINETUNE: base.update(FINETUNE[preset])
     vals = {**base, **given}
     if preset == "released" and given.get("dataset") == "coco" and "alpha" not in given: vals["alpha"] = 0.95
     cfg = TrainConfig(**vals, preset=preset)

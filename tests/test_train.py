@@ -194,7 +194,7 @@ def tiny_synth(tmp_path_factory):
             make_synthvoc(d / "coco", seed=0, n_train=8, n_val=4, size=64, fmt="coco", progress=False))
 
 
-TINY = dict(epochs=2, batch_size=4, crop_size=64, depth=4, threads=1, progress=False)
+TINY = dict(epochs=2, batch_size=4, crop_size=64, depth=4, threads=1, progress=False, pretrained=False)   # a 4-block ViT: from scratch
 
 
 @pytest.mark.slow
@@ -230,15 +230,16 @@ def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_pat
 
 
 def test_train_notebook_documents_the_synth_preset():
-    "Every value of the synth preset is shown in brackets in the parameters cell of nbs/train.ipynb, and equals it."
+    "Every value of the synth preset, fine-tuning (the notebook's default), is shown in brackets in the parameters cell of nbs/train.ipynb."
     import ast, re
-    from getam.train import PRESETS
+    from getam.train import FINETUNE, PRESETS
     nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     shown = {m[1]: m[2] for m in re.finditer(r"^(\w+) = None\s+#.*\[([^\]]+)\]$", "".join(cell["source"]), re.M)}
-    assert set(shown) == set(PRESETS["synth"])
+    preset = {**PRESETS["synth"], **FINETUNE["synth"]}
+    assert set(shown) == set(preset) and "pretrained = True " in "".join(cell["source"])
     for k, v in shown.items():
-        assert (v if isinstance(PRESETS["synth"][k], str) else ast.literal_eval(v)) == PRESETS["synth"][k], k
+        assert (v if isinstance(preset[k], str) else ast.literal_eval(v)) == preset[k], k
 
 
 @pytest.mark.slow
