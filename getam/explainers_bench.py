@@ -15,7 +15,9 @@ import torch
 
 from . import cams
 from .classify import multilabel_f1
-from .experiments import checkpoint_path, classifier, classifier_info, load_split, stack_items
+from .backbones import create_backbone, load_weights_file
+from .classes import NUM_SYNTH, norm_stats
+from .experiments import load_split, stack_items
 from .faithfulness import deletion_insertion, energy_pointing_game, pointing_game, update_pseudo_label_cm
 from .metrics import ConfusionMatrix
 from .utils import atomic_path, run_cli
@@ -33,7 +35,8 @@ def _pytorch_grad_cam(kind: str):
     def run(model, x, labels):
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        p, (h, w) = model.num_prefix_tokens, (x.shape[-2] // 8, x.shape[-1] // 8)
+        ph, pw = model.patch_embed.patch_size
+        p, (h, w) = model.num_prefix_tokens, (x.shape[-2] // ph, x.shape[-1] // pw)
         def reshape(t): return t[:, p:].reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
         maps = torch.zeros(*labels.shape, *x.shape[-2:])
         with getattr(pytorch_grad_cam, kind)(model=model, target_layers=[model.blocks[-1].norm1], reshape_transform=reshape) as cam:
@@ -64,17 +67,19 @@ COLUMNS = ["method", "s / batch (median)", "s total", "deletion AUC ↓", "inser
            "energy PG ↑", "pseudo-label mIoU ↑", "note"]
 
 def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
-              size: int = 64, n_images: int = 64, batch_size: int = 16, steps: int = 16, epochs: int | None = None,
+              size: int = 128, n_images: int = 64, batch_size: int = 16, steps: int = 16,
               out: str | Path = "figures", name: str = "explainers", threads: int | None = None, seed: int = 0) -> list[dict]:
     "Run the side-by-side comparison; print the table and write `{out}/{name}.md` and `.csv`. Returns the rows."
     if threads: torch.set_num_threads(threads)
+    arch = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)
+    model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH, img_size=size, **arch)
+    if weights is not None: model.load_state_dict(load_weights_file(weights))
+    model.eval()
+    how = f"weights {weights}" if weights else "the shipped getam.pretrain weights"
     val = stack_items(load_split("synth", "val", size, root), n_images)
+    mean, std = norm_stats(model)
+    val["x"] = (val["image"].float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     C = val["label"].shape[1]
-    t0 = time.perf_counter()
-    model = classifier("vit", "synth", checkpoint=weights, size=size, epochs=epochs, root=root, progress=False).eval()
-    info = classifier_info("vit", "synth", size)
-    how = f"weights {weights}" if weights else (f"the shared classifier ({checkpoint_path('vit', 'synth', size)}: {info.get('epochs')} epochs on "
-                                                  f"{info.get('train_images')} SynthVOC train images; {time.perf_counter() - t0:.0f} s to load or train)")
     f1 = multilabel_f1(model, val["x"], val["label"])
     out = Path(out)
     rows = []
@@ -104,7 +109,7 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
                      "pseudo-label mIoU ↑": 100 * cm.miou(), "note": ""})
     n_pairs = int((val["label"] > 0).sum())
     caption = (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present (image, class) pairs, "
-               f"batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 8, width 64, 6 blocks, 2 heads ({how}; "
+               f"batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, width 64, 6 blocks, 2 heads ({how}; "
                f"val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all present classes of a batch. Deletion / insertion: "
                f"RISE, {steps} steps, baselines 0 (normalised) and blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game "
                f"(tolerance 0) and energy-based pointing game (class boxes from the masks): mean over classes. mIoU: pseudo labels "
@@ -132,14 +137,14 @@ def write_table(rows: Sequence[dict], out: str | Path, name: str, caption: str =
 # %% ../nbs/98_explainers_bench.ipynb #d9e02fdc
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m getam.explainers_bench", description="Explainers side by side on SynthVOC val.")
-    p.add_argument("--weights", default=None, help="state dict of the reproduce notebooks' ViT (default: the shared classifier, trained once)")
+    p.add_argument("--weights", default=None, help="a state dict of the synth preset's ViT (default: the weights shipped with getam)")
     p.add_argument("--root", default=None, help="SynthVOC root (default: synth_root of settings.ini)")
-    p.add_argument("--size", type=int, default=64); p.add_argument("--n-images", type=int, default=64)
+    p.add_argument("--size", type=int, default=128); p.add_argument("--n-images", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16); p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=None, help="classifier epochs when it is trained (default: the reproduce notebooks')"); p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="figures"); p.add_argument("--name", default="explainers")
     a = p.parse_args(argv)
-    return benchmark(a.weights, a.root, a.size, a.n_images, a.batch_size, a.steps, a.epochs, a.out, a.name, a.threads)
+    return benchmark(a.weights, a.root, a.size, a.n_images, a.batch_size, a.steps, a.out, a.name, a.threads)
 
 # %% ../nbs/98_explainers_bench.ipynb #c7183991
 if __name__ == "__main__": run_cli(main)

@@ -30,7 +30,7 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     from getam.synth import make_synthvoc
     monkeypatch.setenv("GETAM_RUNS_DIR", str(tmp_path / "runs"))
     make_synthvoc(tmp_path / "synth", n_train=8, n_val=4, size=64)
-    rows = benchmark(root=tmp_path / "synth", size=32, n_images=4, batch_size=2, steps=2, epochs=1, out=tmp_path / "fig")
+    rows = benchmark(root=tmp_path / "synth", size=64, n_images=4, batch_size=2, steps=2, out=tmp_path / "fig")
     assert [r["method"] for r in rows][:3] == ["GETAM", "Att-Gradients", "Grad-CAM (ours)"]
     assert (tmp_path / "fig" / "explainers.md").is_file() and (tmp_path / "fig" / "explainers.csv").is_file()
     assert 0 <= rows[0]["deletion AUC ↓"] <= 1 and rows[0]["s total"] > 0
