@@ -13,7 +13,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 
 from .experiments import (BACKBONES, REDUCED_EPOCHS, backbone_run, classifier, coco_run, dataset_root, deeplab_run,
-                               main_run, markdown_table, oracle_run, runs_root, synth_coco_root)
+                               main_run, markdown_table, oracle_run, runs_root, synth_coco_root, trained_run)
 from .utils import run_cli
 
 
@@ -76,8 +76,8 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 310))
     return sorted(jobs, key=lambda j: -j.cost)
 
-JOB_FUNCTIONS = {"classifier": classifier, "main_run": main_run, "deeplab_run": deeplab_run, "oracle_run": oracle_run,
-                 "backbone_run": backbone_run, "coco_run": coco_run}
+JOB_FUNCTIONS = {"classifier": classifier, "trained_run": trained_run, "main_run": main_run, "deeplab_run": deeplab_run,
+                 "oracle_run": oracle_run, "backbone_run": backbone_run, "coco_run": coco_run}   # what a SharedJob may call
 
 def _run_job(fn: str, kw: dict, threads: int) -> float:
     "Body of one `train_shared` job (also in a child process): `fn(**kw)` with `threads` torch threads, no progress bars; returns seconds."
