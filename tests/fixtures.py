@@ -38,3 +38,15 @@ def tiny_config(**kw) -> TrainConfig:
     base = dict(backbone="vit_tiny_patch16_224", patch_size=8, depth=4, features=16, epochs=2, batch_size=4, crop_size=32,
                 augment=False, progress=False, plots=False, lr=0.01, device="cpu", dropout=0.0)
     return make_config(**{**base, **kw})
+
+
+def record_qkv_dtypes(monkeypatch) -> list:
+    "Record the dtype of the first block's qkv projection in every training step (does AMP really change the arithmetic?)."
+    import getam.step as step_module
+    dtypes, real = [], step_module.step_losses
+    def spy(model, batch, cfg, phase, autocast=None):
+        h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        try: return real(model, batch, cfg, phase, autocast)
+        finally: h.remove()
+    monkeypatch.setattr(step_module, "step_losses", spy)
+    return dtypes

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import tiny_batch, tiny_config, tiny_model, toy_items
+from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
 import getam.step as step_module
 from getam.backbones import tiny_backbone
 from getam.cams import getam
@@ -26,21 +26,10 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _qkv_dtypes(monkeypatch) -> list:
-    "Record the dtype of the first block's qkv projection in every training step."
-    dtypes, real = [], step_module.step_losses
-    def spy(model, batch, cfg, phase, autocast=None):
-        h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        try: return real(model, batch, cfg, phase, autocast)
-        finally: h.remove()
-    monkeypatch.setattr(step_module, "step_losses", spy)
-    return dtypes
-
-
 @pytest.mark.parametrize("amp, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_amp_training_on_cuda(amp, dtype, tmp_path, monkeypatch):
     "Both phases train under autocast on CUDA with finite losses; fp16 goes through a GradScaler (saved in the checkpoint), bf16 needs none."
-    dtypes = _qkv_dtypes(monkeypatch)
+    dtypes = record_qkv_dtypes(monkeypatch)
     r = train(tiny_config(out_dir=str(tmp_path), device="cuda", amp=amp, write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
     assert len(r["log"]) == 4 and [row["phase"] for row in r["log"]] == [1, 1, 2, 2]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"]), r["log"]

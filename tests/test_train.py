@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from fixtures import tiny_batch, tiny_config, tiny_model, toy_items
+from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
 from getam.losses import seg_loss
 from getam.step import class_token_saliency, lr_at, step_losses, two_forward_losses
 from getam.train import TrainConfig, arg_parser, make_config, train
@@ -115,13 +115,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_amp_bf16_on_cpu_runs(tmp_path, monkeypatch):
     "amp='bf16' really runs the forward in bfloat16 (the attention's qkv projection outputs bf16) and still gives finite losses."
-    import getam.step as step_module
-    dtypes, real = [], step_module.step_losses
-    def spy(model, batch, cfg, phase, autocast=None):
-        h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        try: return real(model, batch, cfg, phase, autocast)
-        finally: h.remove()
-    monkeypatch.setattr(step_module, "step_losses", spy)
+    dtypes = record_qkv_dtypes(monkeypatch)
     r = train(tiny_config(out_dir=str(tmp_path / "bf16"), amp="bf16", write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
     assert len(r["log"]) == 4 and all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"])
     assert r["log"][-1]["phase"] == 2 and 0 <= r["metrics"]["val_miou"] <= 1
