@@ -19,8 +19,9 @@ from .utils import format_timings, time_side_by_side
 
 # %% auto #0
 __all__ = ['present_classes', 'gather_classes', 'background_channel', 'activation_argmax', 'binarize_saliency', 'saliency_mask',
-           'mining_thresholds', 'mine_high_activation', 'open_foreground', 'complete_labels', 'pseudo_labels',
-           'attention_saliency', 'crf_labels', 'crf_pseudo_labels', 'save_pseudo_labels', 'standin_maps', 'benchmark']
+           'mining_thresholds', 'mine_high_activation', 'open_foreground', 'complete_labels', 'label_maps',
+           'pseudo_labels', 'attention_saliency', 'crf_labels', 'crf_pseudo_labels', 'save_pseudo_labels',
+           'standin_maps', 'benchmark']
 
 # %% ../nbs/30_completion.ipynb #90bd2736
 def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +132,10 @@ def complete_labels(maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Te
     return open_foreground(pseg, opening) if opening else pseg
 
 # %% ../nbs/30_completion.ipynb #c641cfbe
-def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor | str,
-                  refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10, **kwargs) -> torch.Tensor:
-    "`image: [B, 3, H, W]`, raw `maps: [B, C, h, w]` >= 0 -> pseudo labels `[B, H, W]` (resize, PAMR on present classes, max-normalise, `complete_labels`)."
+def label_maps(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, refine: bool = True,
+               dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10) -> torch.Tensor:
+    """The maps the label rule reads: raw `maps: [B, C, h, w]` >= 0 resized to `image: [B, 3, H, W]`, refined by PAMR on
+    the present classes (`refine`), max-normalised per class -> `[B, C, H, W]` in [0, 1], zero for absent classes."""
     H, W = image.shape[-2:]
     maps = maps.to(image.device).float().clamp(min=0) * (labels.to(image.device)[:, :, None, None] > 0)
     if maps.shape[-2:] != (H, W): maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
@@ -141,9 +143,13 @@ def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
     m = gather_classes(maps, idx)
     if refine: m = pamr(image, m, dilations, iters)  # padding slots included: one affinity per image, broadcast over its K maps
     m = normalize_maps(m.clamp(min=0), eps=1e-5) * ok[:, :, None, None]
-    full = torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
+    return torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
+
+def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor | str,
+                  refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10, **kwargs) -> torch.Tensor:
+    "`image: [B, 3, H, W]`, raw `maps: [B, C, h, w]` >= 0 -> pseudo labels `[B, H, W]`: `complete_labels` of `label_maps`."
     if isinstance(saliency, str): kwargs.setdefault("image", image)
-    return complete_labels(full, labels, saliency, **kwargs)
+    return complete_labels(label_maps(image, maps, labels, refine, dilations, iters), labels, saliency, **kwargs)
 
 # %% ../nbs/30_completion.ipynb #f127beef
 def attention_saliency(a_cls: torch.Tensor, image: torch.Tensor, threshold: float = 0.3, refine: bool = True,

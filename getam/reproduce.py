@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from fastprogress.fastprogress import progress_bar
 
-from .experiments import (BACKBONES, REDUCED_EPOCHS, backbone_run, classifier, coco_run, dataset_root, deeplab_run,
+from .experiments import (BACKBONES, REDUCED_EPOCHS, SEEDS, backbone_run, classifier, coco_run, dataset_root, deeplab_run,
                                main_run, markdown_table, oracle_run, runs_root, synth_coco_root, trained_run)
 from .utils import run_cli
 
@@ -54,9 +54,10 @@ class SharedJob:
 # Which shared models each reproduce notebook asks for (by the notebook's prefix). A test checks this table against the
 # notebooks' own calls, so a notebook that starts to use another shared model cannot be forgotten here.
 NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6": ("vit",), "fig7": ("vit",),
-         "fig8": ("vit",), "fig10": ("vit", "cnn"), "fig11": ("main", "coco"), "table1": ("vit", "cnn"),
+         "fig8": ("vit",), "fig10": ("vit", "cnn"), "fig11": ("main", "coco"), "table1": ("vit", "vit-seeds", "cnn"),
          "table2": ("vit", "cnn"), "table3": ("vit", "main"), "table4": ("backbones",), "table5": ("main", "oracle", "deeplab"),
-         "table6": ("reduced", "coco"), "supp1": ("vit", "main"), "supp2": ("vit", "main")}
+         "table6": ("reduced", "coco"), "supp1": ("vit", "main"), "supp2": ("vit", "main"),
+         "supp3": ("vit", "vit-scratch", "main", "main-scratch", "oracle", "oracle-scratch")}
 
 def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False, checkpoint: str = "") -> list[SharedJob]:
     "The shared classifiers and end-to-end runs that the notebooks `nbs` need (`NEEDS`), longest first."
@@ -64,16 +65,21 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     if unknown: raise ValueError(f"notebooks {unknown} are not in getam.reproduce.NEEDS; add what they train there")
     need = {k for p in nbs for k in NEEDS[p.stem.split("_")[0]]}
     q, e = dict(dataset=dataset, quick=quick), "quick" if quick else f"e{REDUCED_EPOCHS}"
+    vit = lambda label, cost, **kw: SharedJob(label, "classifier", dict(kind="vit", dataset=dataset, **kw), cost)
     jobs = []
-    if "vit" in need and not checkpoint: jobs.append(SharedJob("ViT classifier", "classifier", dict(kind="vit", dataset=dataset), 90))
-    if "cnn" in need: jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 170))
-    if "deeplab" in need: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 680))
-    elif "main" in need: jobs.append(SharedJob("main run", "main_run", q, 600))
-    if "oracle" in need: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 350))
-    fams = ["ViT", "ViT-Hybrid", "DeiT-Distilled"] if "backbones" in need else ["ViT"] if "reduced" in need else []
-    for f in fams:   # DeiT from scratch is the ViT (Table 4 checks it and trains it itself if not)
-        jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]), 410 if f == "ViT-Hybrid" else 320))
-    if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 310))
+    if "vit" in need and not checkpoint: jobs.append(vit("ViT classifier", 40))
+    if "vit-seeds" in need: jobs += [vit(f"ViT classifier, seed {s}", 40, seed=s) for s in SEEDS if s != 0]
+    if "vit-scratch" in need: jobs.append(vit("ViT classifier from scratch", 150, pretrained=False))
+    if "cnn" in need: jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 330))
+    # Table 4's ViT row and Table 6's VOC-layout twin are the main run (same preset, weights and budget): one job trains it
+    if "deeplab" in need: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 420))
+    elif need & {"main", "backbones", "reduced"}: jobs.append(SharedJob("main run", "main_run", q, 340))
+    if "oracle" in need: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 200))
+    if "main-scratch" in need: jobs.append(SharedJob("main run from scratch", "main_run", dict(q, pretrained=False), 560))
+    if "oracle-scratch" in need: jobs.append(SharedJob("oracle from scratch", "oracle_run", dict(q, pretrained=False), 400))
+    for f in (["ViT-Hybrid", "DeiT-Distilled"] if "backbones" in need else []):   # DeiT: the ViT's network and weights (Table 4 says why)
+        jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]), 420 if f == "ViT-Hybrid" else 330))
+    if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 330))
     return sorted(jobs, key=lambda j: -j.cost)
 
 JOB_FUNCTIONS = {"classifier": classifier, "trained_run": trained_run, "main_run": main_run, "deeplab_run": deeplab_run,

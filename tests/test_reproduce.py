@@ -85,6 +85,38 @@ def test_classifier_is_trained_once_then_loaded(tiny_synth, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"): E.classifier("vit", "synth", checkpoint=tmp_path / "nope.safetensors")
 
 
+def test_classifier_starts_from_the_shipped_vit_and_keeps_seeds_apart(tiny_synth, tmp_path):
+    "The shared ViT fine-tunes getam's shipped weights (recorded); each seed and the from-scratch twin get their own file."
+    from getam.backbones import SHIPPED_WEIGHTS
+    from safetensors.torch import load_file
+    torch.set_num_threads(1)
+    shipped = load_file(str(SHIPPED_WEIGHTS / "vit_tiny_patch16_224-p16-w64-d6-h2.safetensors"))
+    fresh = E.vit_classifier(6)
+    for k, v in shipped.items(): assert torch.equal(fresh.state_dict()[k], v), k       # 6 classes: the head is kept too
+    E.classifier("vit", "synth", epochs=1, progress=False, seed=1)
+    E.classifier("vit", "synth", epochs=1, progress=False, pretrained=False)
+    names = sorted(p.name for p in (tmp_path / "runs" / "reproduce" / "checkpoints").glob("*.safetensors"))
+    assert names == ["synth-vit-128px-s1.safetensors", "synth-vit-128px-scratch.safetensors"]
+    info, scratch = E.classifier_info("vit", "synth", seed=1), E.classifier_info("vit", "synth", pretrained=False)
+    assert info["pretrained"] == "vit_tiny_patch16_224-p16-w64-d6-h2.safetensors" and info["seed"] == 1 and info["lr"] == 3e-4
+    assert 0 <= info["val_f1_before"] <= 1 and scratch["pretrained"] is None and scratch["val_f1_before"] is None
+    assert E.input_stats() == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))    # the shipped ViT's normalisation
+
+
+def test_table4_and_table6_vit_rows_are_the_main_run(monkeypatch):
+    "At the main run's backbone and budget a reduced run is the main run; another family gets its patch override and its own weights."
+    seen = []
+    monkeypatch.setattr(E, "trained_run", lambda name, dataset="synth", *a, **kw: seen.append((name, kw)) or {})
+    E.reduced_run("synth", None, E.REDUCED_EPOCHS); E.backbone_run("synth", E.BACKBONES["ViT"])
+    assert [n for n, _ in seen] == ["synth-main", "synth-main"] and all(kw["pretrained"] for _, kw in seen)
+    seen.clear(); E.backbone_run("synth", E.BACKBONES["ViT-Hybrid"])
+    (name, kw), = seen
+    assert name == "synth-vit_tiny_r_s16_p8_224-e20" and kw["patch_size"] == 4 and kw["layers"] == [3, 4, 5] and kw.get("pretrained", True)
+    seen.clear(); E.main_run("synth", pretrained=False); E.oracle_run("synth", pretrained=False); E.oracle_run("synth")
+    assert [n for n, _ in seen] == ["synth-main-scratch", "synth-oracle-scratch", "synth-oracle"]
+    assert [kw["pretrained"] for _, kw in seen] == [False, False, True] and seen[2][1]["cls_only_frac"] == 0.0
+
+
 @pytest.mark.slow
 def test_fig4_notebook_runs_through_papermill(tiny_synth, tmp_path):
     from safetensors.torch import save_file
@@ -125,8 +157,8 @@ def test_trained_run_is_trained_once_then_reused(tiny_synth, tmp_path):
     cfg = r1["cfg"]
     assert cfg.preset == "synth" and cfg.epochs == 2 and cfg.data_root == str(tiny_synth)
     from getam.train import make_config
-    preset = make_config(preset="synth")                          # the recipe itself flows in, only the overrides change
-    assert (cfg.lr, cfg.embed_dim, cfg.cls_only_frac) == (preset.lr, preset.embed_dim, preset.cls_only_frac)
+    preset = make_config(preset="synth", pretrained=True)         # the recipe itself flows in (fine-tuning the shipped ViT), only the overrides change
+    assert cfg.pretrained and (cfg.lr, cfg.embed_dim, cfg.cls_only_frac) == (preset.lr, preset.embed_dim, preset.cls_only_frac) == (1e-3, 64, 0.25)
     assert not r1["model"].training
     from safetensors.torch import load_file
     sd = load_file(str(out / "model.safetensors"))
@@ -196,9 +228,11 @@ def test_notebook_budgets_are_the_ones_trained_ahead():
 def test_shared_jobs_of_the_reproduce_notebooks():
     B = E.BACKBONES
     jobs = R.shared_jobs(R.reproduce_notebooks(NB_DIR))
-    assert [(j.fn, j.kw.get("backbone") or j.kw.get("kind")) for j in jobs] == [
-        ("deeplab_run", None), ("backbone_run", B["ViT-Hybrid"]), ("oracle_run", None), ("backbone_run", B["ViT"]),
-        ("backbone_run", B["DeiT-Distilled"]), ("coco_run", None), ("classifier", "cnn"), ("classifier", "vit")]
+    assert [(j.fn, j.kw.get("backbone") or j.kw.get("kind"), j.kw.get("pretrained", True), j.kw.get("seed", 0)) for j in jobs] == [
+        ("main_run", None, False, 0), ("deeplab_run", None, True, 0), ("backbone_run", B["ViT-Hybrid"], True, 0),
+        ("oracle_run", None, False, 0), ("classifier", "cnn", True, 0), ("backbone_run", B["DeiT-Distilled"], True, 0),
+        ("coco_run", None, True, 0), ("oracle_run", None, True, 0), ("classifier", "vit", False, 0),
+        ("classifier", "vit", True, 0), ("classifier", "vit", True, 1), ("classifier", "vit", True, 2)]   # one job per model: the ViT row of Table 4 is the main run
     assert all(j.kw["dataset"] == "synth" for j in jobs)
     assert [j.fn for j in R.shared_jobs(R.reproduce_notebooks(NB_DIR, "fig4"))] == ["classifier"]
     assert R.shared_jobs(R.reproduce_notebooks(NB_DIR, "fig4"), checkpoint="vit.safetensors") == []
@@ -248,7 +282,9 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tiny_synth, tmp_path, 
 def test_needs_table_matches_the_notebooks_calls():
     "`NEEDS` (what each notebook trains ahead) equals what the notebooks' code cells actually call for."
     calls = {'classifier("vit"': "vit", 'classifier("cnn"': "cnn", "main_run(": "main", "oracle_run(": "oracle",
-             "deeplab_run(": "deeplab", "backbone_run(": "backbones", "reduced_run(": "reduced", "coco_run(": "coco"}
+             "deeplab_run(": "deeplab", "backbone_run(": "backbones", "reduced_run(": "reduced", "coco_run(": "coco",
+             "R.SEEDS": "vit-seeds", 'classifier("vit", dataset, pretrained=False': "vit-scratch",
+             "main_run(dataset, pretrained=False": "main-scratch", "oracle_run(dataset, pretrained=False": "oracle-scratch"}
     for nb in R.reproduce_notebooks(NB_DIR):
         code = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
         found = {key for call, key in calls.items() if call in code}
