@@ -19,6 +19,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                 'getam/backbones.py'),
                                  'getam.backbones.create_backbone': ('backbones.html#create_backbone', 'getam/backbones.py'),
                                  'getam.backbones.default_layers': ('backbones.html#default_layers', 'getam/backbones.py'),
+                                 'getam.backbones.find_weights': ('backbones.html#find_weights', 'getam/backbones.py'),
                                  'getam.backbones.is_hybrid': ('backbones.html#is_hybrid', 'getam/backbones.py'),
                                  'getam.backbones.load_weights_file': ('backbones.html#load_weights_file', 'getam/backbones.py'),
                                  'getam.backbones.record_attention': ('backbones.html#record_attention', 'getam/backbones.py'),

@@ -25,9 +25,9 @@ from .config import setting
 
 # %% auto #0
 __all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'SHIPPED_WEIGHTS', 'ARCH_KEYS',
-           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_suffix', 'weights_candidates', 'create_backbone',
-           'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers', 'check_class_token_readout',
-           'AttentionRecorder', 'record_attention']
+           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_suffix', 'weights_candidates', 'find_weights',
+           'create_backbone', 'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers',
+           'check_class_token_readout', 'AttentionRecorder', 'record_attention']
 
 # %% ../nbs/20_backbones.ipynb #162e8ff5
 ALIASES = {
@@ -82,6 +82,10 @@ def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: d
     names = [f"{n}{s}" for s in suffixes for n in dict.fromkeys([resolve_name(name), name])]
     return [Path(d) / f"{n}{ext}" for d in (weights_dir, SHIPPED_WEIGHTS) for n in names for ext in (".safetensors", ".pth")]
 
+def find_weights(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> Path | None:
+    "The first of `weights_candidates` that exists: the local weights `create_backbone(name, pretrained=True, **arch)` would load, or None."
+    return next((p for p in weights_candidates(name, weights_dir, arch) if p.is_file()), None)
+
 # %% ../nbs/20_backbones.ipynb #257d8652
 def _head_classes(sd: dict) -> int | None:
     w = sd.get("head.weight", sd.get("fc.weight"))
@@ -100,10 +104,9 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
                          f"expected a name from timm's modules {VIT_MODULES + CNN_MODULES}")
     if weights is None and pretrained:
         arch = {k: kwargs[k] for k in ARCH_KEYS if k in kwargs}
-        cands = weights_candidates(name, weights_dir, arch)
-        weights = next((p for p in cands if p.is_file()), None)
+        weights = find_weights(name, weights_dir, arch)
         if weights is None:
-            where = ", ".join(map(str, cands))
+            where = ", ".join(map(str, weights_candidates(name, weights_dir, arch)))
             msg = (f"pretrained weights for {tname} not found locally: looked for {where}. Put the file there, set "
                    f"weights_dir in settings.ini (or GETAM_WEIGHTS_DIR), or pass weights=PATH")
             if not download: raise FileNotFoundError(msg + " (download=False, so timm was not asked)")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbones import create_backbone, weights_candidates
+from .backbones import create_backbone, find_weights
 from .classes import norm_stats
 from .classify import TensorItems, multilabel_f1, train_classifier
 from .completion import activation_argmax, label_maps, pseudo_labels
@@ -117,7 +117,7 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
     recipe = "vit" if pretrained else "vit-scratch" if kind == "vit" else "cnn"
     lr = CLASSIFIER_LR[recipe]
     losses = train_classifier(model, TensorItems(tr["x"], tr["label"]), epochs or CLASSIFIER_EPOCHS[recipe], lr=lr, seed=seed, progress=progress)["epoch_loss"]
-    weights = next((p.name for p in weights_candidates(PRESETS["synth"]["backbone"], arch=SYNTH_ARCH) if p.is_file()), None) if pretrained else None
+    weights = find_weights(PRESETS["synth"]["backbone"], arch=SYNTH_ARCH).name if pretrained else None
     info = dict(kind=kind, dataset=dataset, size=size, pretrained=weights, seed=seed, epochs=len(losses), lr=lr, train_images=len(tr["x"]),
                 losses=[round(l, 4) for l in losses], val_f1_before=f1_before,
                 train_f1=round(multilabel_f1(model, tr["x"], tr["label"]), 4), val_f1=round(multilabel_f1(model, va["x"], va["label"]), 4),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from getam.backbones import (ALIASES, TINY_KINDS, check_class_token_readout, create_backbone, default_layers, is_hybrid,
                              load_weights_file, record_attention, resolve_layers, resolve_name, tiny_backbone, vit_of,
-                             weights_candidates)
+                             find_weights, weights_candidates)
 
 FAMILIES = ["vit", "deit_distilled", "vit_hybrid"]
 
@@ -81,6 +81,12 @@ def test_missing_weights_error_names_paths_and_key(tmp_path):
     assert str(tmp_path / "vit_base_r50_s16_384.safetensors") in msg and str(tmp_path / "vit_hybrid.pth") in msg
     assert "weights_dir" in msg
     assert weights_candidates("vit", tmp_path)[0] == tmp_path / "vit_base_patch16_384.safetensors"
+    arch = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)
+    assert find_weights("vit_hybrid", tmp_path) is None                 # nothing there, and getam ships no ViT-Hybrid-B
+    shipped = find_weights("vit_tiny_patch16_224", tmp_path, arch)
+    assert shipped.name == "vit_tiny_patch16_224-p16-w64-d6-h2.safetensors" and shipped.parent.name == "weights"
+    (tmp_path / "vit_tiny_patch16_224-p16-w64-d6-h2.pth").touch()      # a file in weights_dir comes first
+    assert find_weights("vit_tiny_patch16_224", tmp_path, arch) == tmp_path / "vit_tiny_patch16_224-p16-w64-d6-h2.pth"
     with pytest.raises(FileNotFoundError, match="weights_dir"):
         load_weights_file(tmp_path / "nope.pth")
     torch.save([1, 2], tmp_path / "list.pth")
