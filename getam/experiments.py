@@ -290,13 +290,13 @@ def argmax_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, gam
 
 def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True,
                       rule: str = "completed", **kw) -> tuple[float, torch.Tensor]:
-    """mIoU (%) and per-class IoU of the labels of `method(x, labels) -> maps` against the masks (background included): `rule="completed"`,
-    the pseudo labels of `maps_to_labels` (`kw` go there); `"argmax"`, the maps alone (`argmax_labels`)."""
+    """mIoU (%) and per-class IoU of the labels of `method(x, labels) -> maps` (or of `method`, raw maps [N, C, h, w] computed once) against the
+    masks (background included): `rule="completed"`, the pseudo labels of `maps_to_labels` (`kw` go there); `"argmax"`, the maps alone (`argmax_labels`)."""
     if rule not in ("completed", "argmax"): raise ValueError(f"rule={rule!r}; expected 'completed' (the label rule) or 'argmax' (the maps alone)")
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(x), batch_size):
         sl = slice(i, i + batch_size)
-        maps = method(x[sl], labels[sl])
+        maps = method[sl] if torch.is_tensor(method) else method(x[sl], labels[sl])
         cm.update(maps_to_labels(x[sl], maps, labels[sl], saliency[sl], refine, **kw) if rule == "completed" else argmax_labels(x[sl], maps, labels[sl], **kw), masks[sl])
     return 100 * cm.miou(), cm.iou()
 
