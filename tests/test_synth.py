@@ -159,10 +159,19 @@ def test_ensure_synthvoc_reuses_only_identical_settings(tmp_path):
 
 @pytest.mark.slow
 def test_plain_cam_covers_mainly_the_discriminative_part():
-    "Failure mode 1, measured: a CAM classifier that classifies well activates on the small marker, not on the body."
+    """Failure mode 1, measured: CAM classifiers that classify well activate on the small marker more than on the body.
+
+    One trained net is too noisy to assert on. Over seeds 0-4 x 1 and 2 threads (`python tools/outcome_spread.py --only
+    cam_test`) one net's part/rest coverage ratio ranges from 1.7 to 3.0 at threshold 0.3 (1.5 to 3.3 at 0.5), its
+    per-class accuracy is 0.92 ± 0.03, and another CPU's float kernels (or thread count) move a run as much as another
+    seed does: the single-net 2.5x asserted before failed on 7 of those 10 runs. So three seeds are trained, at torch's
+    thread count (CI runs the suite at 1 thread and at the core count), and their mean is asserted. The ratio is
+    multiplicative, so its mean is geometric: log-ratio 0.75 ± 0.22 (0.3) and 0.75 ± 0.29 (0.5) per net; for a mean of
+    three, the bound 1.2 is 4.5 and 3.4 standard deviations away, and accuracy 0.85 is 3.8 sd away."""
     from getam.classify import cam_part_coverage, train_cam_classifier
-    net = train_cam_classifier(seed=1, n_train=512, steps=300)
-    r = cam_part_coverage(net, seed=1, n_val=120)
-    assert r["class_accuracy"] > 0.85  # all-negative guessing scores ~0.72
-    for t, c in r["coverage"].items():
-        assert c["part"] > 2.5 * c["rest"], (t, c)
+    nets = {s: train_cam_classifier(seed=s, n_train=512, steps=300, threads=None) for s in (0, 1, 2)}
+    runs = [cam_part_coverage(net, seed=s, n_val=120) for s, net in nets.items()]
+    assert np.mean([r["class_accuracy"] for r in runs]) > 0.85  # all-negative guessing scores ~0.72
+    for t in runs[0]["coverage"]:
+        ratios = [r["coverage"][t]["part"] / r["coverage"][t]["rest"] for r in runs]
+        assert np.exp(np.mean(np.log(ratios))) > 1.2, (t, ratios)
