@@ -175,3 +175,58 @@ def test_plain_cam_covers_mainly_the_discriminative_part():
     for t in runs[0]["coverage"]:
         ratios = [r["coverage"][t]["part"] / r["coverage"][t]["rest"] for r in runs]
         assert np.exp(np.mean(np.log(ratios))) > 1.2, (t, ratios)
+
+def _tree_sha256(root: Path) -> str:
+    "sha256 over every file under `root`, in sorted order: its relative path and its bytes, each prefixed by its length."
+    import hashlib
+    digest = hashlib.sha256()
+    for rel, data in _files(root).items():
+        digest.update(len(rel).to_bytes(8, "little") + rel.encode() + len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def _samples_sha256(calls: list[tuple]) -> str:
+    "sha256 over `synth_sample(*call)` for each call: every array's name, dtype, shape and raw bytes, and `info` as JSON."
+    import hashlib
+    digest = hashlib.sha256()
+    for call in calls:
+        sample = synth_sample(*call)
+        for key in sorted(sample):
+            value = sample[key]
+            if isinstance(value, np.ndarray):
+                digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+                digest.update(np.ascontiguousarray(value).tobytes())
+            else:
+                digest.update(f"{key}:".encode() + json.dumps(value, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# Computed from the generator at commit 07731e7 (before its names were rewritten), with Pillow 13.0.0 (libjpeg-turbo 6.2
+# API, zlib 1.2.13) and numpy 2.4.6. The arrays are the benchmark; the file digests also depend on Pillow's JPEG and PNG
+# encoders and numpy's pickle, so after an upgrade of those only the two file digests may move.
+_PINNED = {
+    "voc": "0492b80f2a257fa4289c41248a0f3a4562fc88c91e3e3b1b46f91bb11a1c58c2",
+    "coco": "0908bf1d02e65a92749fd3fcb075b0219f5f2cc9845e2275855652138d853ce7",
+    "train": "acbe20264c613c96bb3b6d08980b0acb44ee4366a31bb0712fc4bf65f4dd8430",
+    "val": "2e448b2e8577cb41f7a6839e879f015c87782a4245b6cc6e7f79701c361a1889",
+    "pretrain": "1e5607ef30e97882bdcf9aec7ad005576f45eddfe6e5a2e85cc4f9a15a4ab493",
+    "sizes": "245b0966321a8062599251bbaa07995109a521b088682f4e9e58c7ebd72e053e",
+}
+
+
+def test_generator_output_is_pinned(tmp_path):
+    """SynthVOC is a benchmark: a seed's images, masks, parts and saliency never change. Pinned byte for byte: the raw
+    arrays of train and val scenes, of the "pretrain" split `getam.pretrain.SceneCorpus` draws from (seeds from
+    `BENCHMARK_SEED_LIMIT` on), of 64- and 200-pixel scenes, and every file of a small VOC and COCO export. The scenes
+    include clutter false positives and half-detected objects of the simulated saliency detector, and all six classes."""
+    from getam.synth import BENCHMARK_SEED_LIMIT
+    pretrain = BENCHMARK_SEED_LIMIT
+    got = {
+        "train": _samples_sha256([(0, "train", i) for i in range(20)] + [(3, "train", 5)]),
+        "val": _samples_sha256([(0, "val", i) for i in range(10)]),
+        "pretrain": _samples_sha256([(pretrain, "pretrain", i) for i in range(10)] + [(pretrain + 1, "pretrain", 3)]),
+        "sizes": _samples_sha256([(0, "train", i, 64) for i in range(4)] + [(5, "val", i, 200) for i in range(3)]),
+        "voc": _tree_sha256(make_synthvoc(tmp_path / "voc", seed=0, n_train=6, n_val=3)),
+        "coco": _tree_sha256(make_synthvoc(tmp_path / "coco", seed=0, n_train=6, n_val=3, fmt="coco")),
+    }
+    assert got == _PINNED
