@@ -24,47 +24,61 @@ __all__ = ['BENCHMARKS', 'benchmark_train', 'run_benchmark', 'main']
 # %% ../nbs/99_bench.ipynb #efd70539
 def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", size: int = 128, batch: int = 8,
               ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0) -> dict[str, float]:
-    "Time plain / ours / released training steps side by side; print a table and the ratio ours / plain (target <= 1.35)."
+    """Time plain / ours / released training steps side by side;
+    print a table and the ratio ours / plain (target <= 1.35)."""
     torch.manual_seed(seed)
     cfg = TrainConfig(backbone=backbone, crop_size=size, dropout=0.0)
     model = build_model(cfg, num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     ks = tuple(ks)[:batch] + (1,) * max(0, batch - len(ks))
     g = torch.Generator().manual_seed(seed)
-    b = dict(image=torch.randn(batch, 3, size, size, generator=g), saliency=(torch.rand(batch, size, size, generator=g) > 0.5).long())
+    b = dict(image=torch.randn(batch, 3, size, size, generator=g),
+             saliency=(torch.rand(batch, size, size, generator=g) > 0.5).long())
     b["label"] = torch.zeros(batch, num_classes)
     for i, k in enumerate(ks): b["label"][i, torch.randperm(num_classes)[:k]] = 1
-    b["mask"] = training_targets(torch.rand(batch, num_classes, size // 16, size // 16), b["image"], b["label"], b["saliency"])
+    b["mask"] = training_targets(torch.rand(batch, num_classes, size // 16, size // 16),
+                                 b["image"], b["label"], b["saliency"])
     def plain():
         cls, seg = model(b["image"], with_seg=True)
         loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"])
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     def ours():
         loss = step_losses(model, b, cfg, phase=2)["loss"]
-        opt.zero_grad(); loss.backward(); opt.step()
-    def vjps_only():  # the floor of any GETAM step: the recorded forward, the max-K VJPs and the plain losses, no pseudo labels
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # the floor of any GETAM step: the recorded forward, the max-K VJPs and the plain losses, no pseudo labels
+    def vjps_only():
         with record_attention(model, cfg.layers) as rec: cls, seg = model(b["image"], with_seg=True)
         maps_from_attention(cls, rec.attn, b["label"], rec.grid, rec.num_prefix_tokens, retain_graph=True)
         loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"])
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     cfg6 = dataclasses.replace(cfg, layers=list(range(len(model.backbone.blocks) // 2, len(model.backbone.blocks))))
     def ours_half():
         loss = step_losses(model, b, cfg6, phase=2)["loss"]
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     def released():
         maps = _released_recipe(model, b["image"], b["label"])
         target = training_targets(maps, b["image"], b["label"], b["saliency"])
         cls, seg = model(b["image"], with_seg=True)
         loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, target)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     print(f"{backbone} at {size}px + DPT decoder ({model.features} features), batch {batch}, {num_classes} classes, "
           f"K per image {list(ks)} (sum {sum(ks)}, max {max(ks)})")
     print("(a) plain cls+seg step | (b) ours: 1 forward + max-K VJPs + pseudo labels + 1 backward | "
           "(c) released: 1 forward + one full backward per (image, class) + 2nd forward + backward")
     print("(a') floor: (a) + recording the attention + the max-K VJPs, no pseudo labels | "
           "(b') ours with GETAM on the last half of the blocks only (the released code's start_layer=6 of 12)")
-    t = time_side_by_side({"(a) plain": plain, "(a') floor": vjps_only, "(b) ours": ours, "(b') ours, last half": ours_half,
-                           "(c) released": released}, repeats=repeats)
+    t = time_side_by_side({"(a) plain": plain, "(a') floor": vjps_only, "(b) ours": ours,
+                           "(b') ours, last half": ours_half, "(c) released": released}, repeats=repeats)
     print(format_timings(t))
     a, f, o, h, r = t.values()
     print(f"ours / plain: {o / a:.2f} (target <= 1.35); floor / plain: {f / a:.2f}; ours / floor: {o / f:.2f}; "
@@ -89,7 +103,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("name", choices=sorted(BENCHMARKS), help="what to measure")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per candidate (cams, completion, train)")
-    p.add_argument("--weights", default=None, help="explainers: a state dict of the reproduce notebooks' ViT (default: the shared classifier)")
+    p.add_argument("--weights", default=None,
+                   help="explainers: a state dict of the reproduce notebooks' ViT (default: the shared classifier)")
     a = p.parse_args(argv)
     if a.name == "explainers": return run_benchmark(a.name, threads=a.threads, weights=a.weights)
     return run_benchmark(a.name, threads=a.threads, repeats=a.repeats)

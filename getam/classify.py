@@ -26,8 +26,10 @@ __all__ = ['TensorItems', 'warmup_cosine', 'classify_step', 'train_classifier', 
 
 # %% ../nbs/67_classify.ipynb #33765e4a
 class TensorItems(Dataset):
-    "Items `dict(image=x[i], label=labels[i])` of in-memory tensors, horizontally flipped with probability `flip` (global torch RNG)."
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, flip: float = 0.5): self.x, self.labels, self.flip = x, labels, flip
+    """Items `dict(image=x[i], label=labels[i])` of in-memory tensors,
+    horizontally flipped with probability `flip` (global torch RNG)."""
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, flip: float = 0.5):
+        self.x, self.labels, self.flip = x, labels, flip
     def __len__(self): return len(self.x)
     def __getitem__(self, i: int) -> dict:
         x = self.x[i]
@@ -53,9 +55,9 @@ def train_classifier(model: nn.Module, data: Dataset, epochs: int = 10, batch_si
     seed_everything(seed)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)
-    run = fit(classify_step, model, opt, data, epochs=epochs, batch_size=min(batch_size, len(data)), lr_at=partial(warmup_cosine, lr=lr),
-              out_dir=out_dir, seed=seed, device=device, amp=amp, resume=resume, stop_at_step=max_steps, progress=progress,
-              log_fields=("step", "epoch", "lr", "loss", "time_s"), **fit_kw)
+    run = fit(classify_step, model, opt, data, epochs=epochs, batch_size=min(batch_size, len(data)),
+              lr_at=partial(warmup_cosine, lr=lr), out_dir=out_dir, seed=seed, device=device, amp=amp, resume=resume,
+              stop_at_step=max_steps, progress=progress, log_fields=("step", "epoch", "lr", "loss", "time_s"), **fit_kw)
     by_epoch: dict[int, list[float]] = {}
     for row in run["log"]: by_epoch.setdefault(row["epoch"], []).append(row["loss"])
     run["epoch_loss"] = [float(np.mean(v)) for _, v in sorted(by_epoch.items())]
@@ -96,26 +98,37 @@ def train_cam_classifier(seed: int = 0, n_train: int = 768, steps: int = 400, ba
     if threads: torch.set_num_threads(threads)
     try:
         x, y, _ = _tensors(seed, "train", n_train, size)
-        seed_everything(seed); net = TinyCAMNet()
+        seed_everything(seed)
+        net = TinyCAMNet()
         epochs = -(-steps // max(1, n_train // batch_size))
-        train_classifier(net, TensorItems(x, y), epochs, batch_size, lr, weight_decay=1e-4, seed=seed, max_steps=steps, progress=False)
+        train_classifier(net, TensorItems(x, y), epochs, batch_size, lr, weight_decay=1e-4, seed=seed, max_steps=steps,
+                         progress=False)
         return net.eval()
     finally: torch.set_num_threads(old)
 
 @torch.no_grad()
 def cam_part_coverage(net: TinyCAMNet, seed: int = 0, n_val: int = 200, thresholds=(0.3, 0.5), size: int = 128) -> dict:
-    "Exact-match / per-class accuracy on `n_val` validation scenes and, per threshold, mean CAM coverage of parts vs the rest of objects."
+    """Exact-match / per-class accuracy on `n_val` validation scenes and, per threshold,
+    mean CAM coverage of parts vs the rest of objects."""
     x, y, ss = _tensors(seed, "val", n_val, size)
-    net.eval(); logits = net(x)
+    net.eval()
+    logits = net(x)
     cams = F.interpolate(F.relu(net.cam(x)), size=x.shape[-2:], mode="bilinear", align_corners=False).numpy()
     cov = {t: {"part": [], "rest": []} for t in thresholds}
     for i, s in enumerate(ss):
         for o in s["info"]:
-            c = o["cls"]; m = s["instances"] == o["instance"]; part = m & (s["part"] == c); rest = m & ~part
+            c = o["cls"]
+            m = s["instances"] == o["instance"]
+            part = m & (s["part"] == c)
+            rest = m & ~part
             if not part.any() or not rest.any(): continue
             cam = cams[i, c - 1] / max(cams[i, c - 1].max(), 1e-6)
-            for t in thresholds: cov[t]["part"].append((cam[part] > t).mean()); cov[t]["rest"].append((cam[rest] > t).mean())
+            for t in thresholds:
+                cov[t]["part"].append((cam[part] > t).mean())
+                cov[t]["rest"].append((cam[rest] > t).mean())
     pred = logits > 0
-    return dict(exact_match=float((pred == y.bool()).all(1).float().mean()), class_accuracy=float((pred == y.bool()).float().mean()),
-                coverage={t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in cov.items()}, cams=cams, samples=ss)
+    return dict(exact_match=float((pred == y.bool()).all(1).float().mean()),
+                class_accuracy=float((pred == y.bool()).float().mean()),
+                coverage={t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in cov.items()},
+                cams=cams, samples=ss)
 

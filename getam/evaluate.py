@@ -20,7 +20,8 @@ from .metrics import metrics, score_folder
 from .train import TrainConfig, build_model
 from .utils import atomic_path, run_cli
 
-# The names users called as getam.evaluate.* before the metrics, the CRF and the inference protocol got their own modules
+# The names users called as getam.evaluate.* before the metrics, the CRF and the inference protocol
+# got their own modules
 from .crf import CRF_INSTALL, CRF_PARAMS, crf_batch, dense_crf  # noqa: F401
 from .infer import SCALES, predict, voc_results_dir  # noqa: F401
 from .metrics import ConfusionMatrix, iou_table, plot_iou, score_pseudo_labels, summary_table  # noqa: F401
@@ -35,42 +36,53 @@ def _getam_train_model_fn(ckdir: Path, device, num_classes: int | None):
     st = torch.load(ckdir / "state.pt", map_location="cpu", weights_only=True)
     cfg = TrainConfig(**json.loads(st.get("config") or "{}"))
     if num_classes is None: raise ValueError(f"{ckdir}: give num_classes (foreground classes) to rebuild the model")
-    model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None), num_classes)  # weights come from the checkpoint
+    # weights come from the checkpoint
+    model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None), num_classes)
     load_checkpoint(ckdir, model, restore_rng=False)
     model = model.to(device).eval()
     mean, std = norm_stats(model.backbone) if (cfg.pretrained or cfg.weights) else (IMAGENET_MEAN, IMAGENET_STD)
     model_fn = segmenter_fn(model)
-    return model_fn, dict(arch="getam", mean=list(mean), std=list(std), **{k: v for k, v in dataclasses.asdict(cfg).items() if k == "backbone"})
+    return model_fn, dict(arch="getam", mean=list(mean), std=list(std),
+                          **{k: v for k, v in dataclasses.asdict(cfg).items() if k == "backbone"})
 
 def load_model_fn(checkpoint: str | Path, device="cpu", num_classes: int | None = None) -> tuple[Callable, dict]:
-    "A `model_fn` (normalised batch → seg logits) and its config from a checkpoint (DeepLab v2 file/folder or `getam.train` run folder)."
+    """A `model_fn` (normalised batch → seg logits) and its config from a checkpoint
+    (DeepLab v2 file/folder or `getam.train` run folder)."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.exists(): raise FileNotFoundError(f"{checkpoint}: no such checkpoint; expected a .safetensors file (with its .json) or a run folder (runs_dir in settings.ini)")
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint; expected a .safetensors file (with its .json) "
+                                "or a run folder (runs_dir in settings.ini)")
     if checkpoint_config(checkpoint).get("arch") == "deeplab_v2": return load_deeplab(checkpoint, device=device)
     ckdir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     if (ckdir / "state.pt").is_file() and (ckdir / "model.safetensors").is_file():
         return _getam_train_model_fn(ckdir, device, num_classes)
-    raise ValueError(f"{checkpoint}: not a checkpoint; expected a DeepLab v2 model.safetensors + model.json (getam.deeplab) "
-                     "or a getam.train run folder with model.safetensors + state.pt")
+    raise ValueError(f"{checkpoint}: not a checkpoint; expected a DeepLab v2 model.safetensors + model.json "
+                     "(getam.deeplab) or a getam.train run folder with model.safetensors + state.pt")
 
 # %% ../nbs/85_evaluate.ipynb #062d32be
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m getam.evaluate", description="mIoU of a checkpoint (single scale, MS+flip, +CRF) or of a folder of label PNGs")
+    p = argparse.ArgumentParser(
+        prog="python -m getam.evaluate",
+        description="mIoU of a checkpoint (single scale, MS+flip, +CRF) or of a folder of label PNGs")
     p.add_argument("--dataset", default=None, help="voc | coco | synth (default: settings.ini `dataset`)")
     p.add_argument("--data-root", default=None, help="data root (default: settings.ini `{dataset}_root`)")
     p.add_argument("--split", default="val")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint (.safetensors + .json, or run folder)")
     src.add_argument("--pred-dir", help="folder of predicted/pseudo label PNGs, one {name}.png per image")
-    p.add_argument("--scales", default="common", help="'common' (0.5..1.5), 'released' (256 320 480 square), 'single' or numbers, e.g. '0.5 1 1.5'")
+    p.add_argument("--scales", default="common",
+                   help="'common' (0.5..1.5), 'released' (256 320 480 square), 'single' or numbers, e.g. '0.5 1 1.5'")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flip in the multi-scale run")
     p.add_argument("--crf", default="released", help="released | deeplab | none")
     p.add_argument("--merge", default="logits", choices=["logits", "probs"])
-    p.add_argument("--pred-ignore", default="miss", choices=["miss", "background", "skip"], help="how a 255 in predicted labels is scored")
-    p.add_argument("--device", default="auto"); p.add_argument("--processes", type=int, default=2, help="CRF worker processes")
+    p.add_argument("--pred-ignore", default="miss", choices=["miss", "background", "skip"],
+                   help="how a 255 in predicted labels is scored")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--processes", type=int, default=2, help="CRF worker processes")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--save-dir", default=None, help="also write the final predictions as palette PNGs here")
-    p.add_argument("--voc-test-export", default=None, metavar="OUT", help="write OUT/results/VOC2012/Segmentation/{comp}_test_cls/*.png")
+    p.add_argument("--voc-test-export", default=None, metavar="OUT",
+                   help="write OUT/results/VOC2012/Segmentation/{comp}_test_cls/*.png")
     p.add_argument("--comp", default="comp6", choices=["comp5", "comp6"])
     p.add_argument("--out", default=None, help="metrics JSON (written atomically)")
     return p
@@ -88,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   device=device, processes=args.processes, limit=args.limit, palette=getattr(ds, "palette", None))
         if cfg.get("mean"): kw.update(mean=cfg["mean"], std=cfg["std"])
         if args.voc_test_export:
-            d = export_voc_test(model_fn, ds, args.voc_test_export, args.comp, **kw); print(f"wrote {d}"); res = {}
+            d = export_voc_test(model_fn, ds, args.voc_test_export, args.comp, **kw)
+            print(f"wrote {d}")
+            res = {}
         else: res = metrics(evaluate_model(model_fn, ds, save_dir=args.save_dir, **kw))
     res = {"dataset": dataset, "split": args.split, "source": str(args.checkpoint or args.pred_dir), **res}
     for k, v in res.items():

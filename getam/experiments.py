@@ -47,22 +47,27 @@ def dataset_root(dataset: str = "synth", root: str | Path | None = None) -> Path
     root = Path(root or get_settings()[f"{dataset}_root"])
     return ensure_synthvoc(root) if dataset == "synth" else root
 
-SIZE = 128   # the notebooks' image size (long side): SynthVOC's own, and the shipped ViT's pretraining size (8 × 8 tokens of 16 px)
+# the notebooks' image size (long side): SynthVOC's own, and the shipped ViT's pretraining size (8 × 8 tokens of 16 px)
+SIZE = 128
 
 def load_split(dataset: str = "synth", split: str = "train", size: int | None = SIZE, root=None, saliency: bool = True):
     "The split as a getam.data dataset of uint8 images resized to long side `size` (masks and saliency too)."
     given, root = root is not None, dataset_root(dataset, root)
     sal = None
-    if saliency: sal = root / "SaliencyMaps" if dataset == "synth" and given else Path(get_settings()[f"{dataset}_saliency_root"])
+    if saliency:
+        sal = (root / "SaliencyMaps" if dataset == "synth" and given
+               else Path(get_settings()[f"{dataset}_saliency_root"]))
     return load_dataset(dataset, root, split, saliency_root=sal, transform=LongSideResize(size) if size else None)
 
 @functools.cache
 def input_stats() -> tuple[tuple, tuple]:
-    "(mean, std) of the shared classifiers' inputs: those of the shipped ViT's pretraining (timm's for `vit_tiny_patch16_224`: 0.5, 0.5)."
+    """(mean, std) of the shared classifiers' inputs: those of the shipped ViT's pretraining (timm's for
+    `vit_tiny_patch16_224`: 0.5, 0.5)."""
     return norm_stats(vit_classifier(1, pretrained=False))
 
 def stack_items(ds, limit: int | None = None) -> dict:
-    "The first `limit` items of `ds` stacked: `image` uint8 [N,3,H,W], `x` float normalised with `input_stats`, `label`, `mask`, `saliency`, `name`."
+    """The first `limit` items of `ds` stacked: `image` uint8 [N,3,H,W], `x` float normalised with `input_stats`,
+    `label`, `mask`, `saliency`, `name`."""
     items = [ds[i] for i in range(min(len(ds), limit or len(ds)))]
     out = {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
     out["name"] = [it["name"] for it in items]
@@ -70,33 +75,42 @@ def stack_items(ds, limit: int | None = None) -> dict:
     return out
 
 # %% ../nbs/79_experiments.ipynb #0550e73a
-SYNTH_ARCH = {k: PRESETS["synth"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}   # the synth preset's ViT: patch 16, width 64, 6 blocks, 2 heads
+# the synth preset's ViT: patch 16, width 64, 6 blocks, 2 heads
+SYNTH_ARCH = {k: PRESETS["synth"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}
 
 def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) -> nn.Module:
-    """The ViT of the reproduce notebooks: the synth preset's timm ViT-Tiny variant (`SYNTH_ARCH`), with the weights getam ships
-    (`getam.pretrain` on generated scenes; the head is replaced when `num_classes` differs from theirs), or random with `pretrained=False`."""
-    return create_backbone(PRESETS["synth"]["backbone"], pretrained=pretrained, num_classes=num_classes, img_size=size, download=False, **SYNTH_ARCH)
+    """The ViT of the reproduce notebooks: the synth preset's timm ViT-Tiny variant (`SYNTH_ARCH`), with the weights
+    getam ships (`getam.pretrain` on generated scenes; the head is replaced when `num_classes` differs from theirs),
+    or random with `pretrained=False`."""
+    return create_backbone(PRESETS["synth"]["backbone"], pretrained=pretrained, num_classes=num_classes, img_size=size,
+                           download=False, **SYNTH_ARCH)
 
 def cnn_classifier(num_classes: int) -> nn.Module:
-    "The CNN of the CAM baselines: timm `resnet10t` (GAP + linear classifier) at output stride 16 (an 8 × 8 map at 128 px, like the ViT's), random init."
+    """The CNN of the CAM baselines: timm `resnet10t` (GAP + linear classifier) at output stride 16 (an 8 × 8 map at
+    128 px, like the ViT's), random init."""
     return timm.create_model("resnet10t", pretrained=False, num_classes=num_classes, output_stride=16)
 
 
 # %% ../nbs/79_experiments.ipynb #57ecd9c7
-CLASSIFIER_EPOCHS = {"vit": 10, "vit-scratch": 60, "cnn": 12}   # fine-tuning the shipped ViT needs few epochs; from scratch, many
-CLASSIFIER_LR = {"vit": 3e-4, "vit-scratch": 1e-3, "cnn": 1e-3}  # at 1e-3 the fine-tuned ViT overfits the 512 images (val F1 0.962 -> 0.942; 3e-4 keeps 0.962)
+# fine-tuning the shipped ViT needs few epochs; from scratch, many
+CLASSIFIER_EPOCHS = {"vit": 10, "vit-scratch": 60, "cnn": 12}
+# at 1e-3 the fine-tuned ViT overfits the 512 images (val F1 0.962 -> 0.942; 3e-4 keeps 0.962)
+CLASSIFIER_LR = {"vit": 3e-4, "vit-scratch": 1e-3, "cnn": 1e-3}
 SEEDS = (0, 1, 2)   # training seeds of the shared ViT classifier: Table 1 reports their mean and spread
 
-def checkpoint_path(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True, seed: int = 0) -> Path:
-    "`{runs_dir}/reproduce/checkpoints/{dataset}-{kind}-{size}px[-scratch][-s{seed}].safetensors` (`-scratch`: a ViT from random init)."
+def checkpoint_path(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True,
+                    seed: int = 0) -> Path:
+    """`{runs_dir}/reproduce/checkpoints/{dataset}-{kind}-{size}px[-scratch][-s{seed}].safetensors`
+    (`-scratch`: a ViT from random init)."""
     tag = ("-scratch" if kind == "vit" and not pretrained else "") + (f"-s{seed}" if seed else "")
     return runs_root(runs_dir) / "checkpoints" / f"{dataset}-{kind}-{size}px{tag}.safetensors"
 
 def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path | None = None, size: int = SIZE,
                epochs: int | None = None, root=None, runs_dir=None, progress: bool = True, threads: int | None = None,
                seed: int = 0, pretrained: bool = True) -> nn.Module:
-    """The shared `kind` ('vit' | 'cnn') classifier of `dataset` in eval mode: loaded from `checkpoint` / the shared file, trained once if
-    missing with training seed `seed` — the ViT fine-tuned from getam's shipped weights (`pretrained=False`: from scratch), the CNN from scratch."""
+    """The shared `kind` ('vit' | 'cnn') classifier of `dataset` in eval mode: loaded from `checkpoint` / the shared
+    file, trained once if missing with training seed `seed` — the ViT fine-tuned from getam's shipped weights
+    (`pretrained=False`: from scratch), the CNN from scratch."""
     if kind not in ("vit", "cnn"): raise ValueError(f"kind={kind!r}; expected 'vit' or 'cnn'")
     pretrained = pretrained and kind == "vit"
     path = Path(checkpoint) if checkpoint else checkpoint_path(kind, dataset, size, runs_dir, pretrained, seed)
@@ -106,9 +120,13 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
     if path.is_file():
         model = vit_classifier(C, size, pretrained=False) if kind == "vit" else cnn_classifier(C)
         try: model.load_state_dict(load_file(path))
-        except RuntimeError as e: raise ValueError(f"{path}: does not fit the {kind} classifier of reproduce ({e}); delete it to retrain") from e
+        except RuntimeError as e:
+            raise ValueError(f"{path}: does not fit the {kind} classifier of reproduce ({e}); "
+                             "delete it to retrain") from e
         return model.eval()
-    if checkpoint: raise FileNotFoundError(f"checkpoint {path}: not found; expected a safetensors file of the {kind} classifier (leave it empty to train the shared one under runs_dir)")
+    if checkpoint:
+        raise FileNotFoundError(f"checkpoint {path}: not found; expected a safetensors file of the {kind} classifier "
+                                "(leave it empty to train the shared one under runs_dir)")
     if threads: torch.set_num_threads(threads)
     t0 = time.time()
     model = vit_classifier(C, size, pretrained) if kind == "vit" else cnn_classifier(C)
@@ -116,73 +134,95 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
     f1_before = round(multilabel_f1(model, va["x"], va["label"]), 4) if pretrained else None
     recipe = "vit" if pretrained else "vit-scratch" if kind == "vit" else "cnn"
     lr = CLASSIFIER_LR[recipe]
-    losses = train_classifier(model, TensorItems(tr["x"], tr["label"]), epochs or CLASSIFIER_EPOCHS[recipe], lr=lr, seed=seed, progress=progress)["epoch_loss"]
+    losses = train_classifier(model, TensorItems(tr["x"], tr["label"]), epochs or CLASSIFIER_EPOCHS[recipe], lr=lr,
+                              seed=seed, progress=progress)["epoch_loss"]
     weights = find_weights(PRESETS["synth"]["backbone"], arch=SYNTH_ARCH).name if pretrained else None
-    info = dict(kind=kind, dataset=dataset, size=size, pretrained=weights, seed=seed, epochs=len(losses), lr=lr, train_images=len(tr["x"]),
-                losses=[round(l, 4) for l in losses], val_f1_before=f1_before,
-                train_f1=round(multilabel_f1(model, tr["x"], tr["label"]), 4), val_f1=round(multilabel_f1(model, va["x"], va["label"]), 4),
+    info = dict(kind=kind, dataset=dataset, size=size, pretrained=weights, seed=seed, epochs=len(losses), lr=lr,
+                train_images=len(tr["x"]), losses=[round(l, 4) for l in losses], val_f1_before=f1_before,
+                train_f1=round(multilabel_f1(model, tr["x"], tr["label"]), 4),
+                val_f1=round(multilabel_f1(model, va["x"], va["label"]), 4),
                 seconds=round(time.time() - t0, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as t: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(t))
     with atomic_path(path.with_suffix(".json")) as t: t.write_text(json.dumps(info, indent=1))
     return model.eval()
 
-def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True, seed: int = 0) -> dict:
+def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True,
+                    seed: int = 0) -> dict:
     "The JSON record written beside a shared classifier."
     p = checkpoint_path(kind, dataset, size, runs_dir, pretrained and kind == "vit", seed).with_suffix(".json")
     return json.loads(p.read_text()) if p.is_file() else {}
 
 # %% ../nbs/79_experiments.ipynb #9ee5828e
-RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_at_step")   # TrainConfig fields that do not change what a run learns
-QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)         # development budget for smoke tests, never the reported numbers
-REDUCED_EPOCHS = FINETUNE["synth"]["epochs"]                             # budget of Tables 4 and 6: the main run's fine-tuning schedule
+# TrainConfig fields that do not change what a run learns
+RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_at_step")
+# development budget for smoke tests, never the reported numbers
+QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)
+# budget of Tables 4 and 6: the main run's fine-tuning schedule
+REDUCED_EPOCHS = FINETUNE["synth"]["epochs"]
 
-def _jsonable(d: dict) -> dict: return json.loads(json.dumps(d, default=str).replace("NaN", "null"))   # as getam.train records it
+# as getam.train records it
+def _jsonable(d: dict) -> dict: return json.loads(json.dumps(d, default=str).replace("NaN", "null"))
 
 def run_config_diff(cfg, recorded: dict) -> dict:
-    "`{field: (recorded, requested)}` for the fields of the TrainConfig `cfg` that differ from a run's recorded config (RUNTIME_FIELDS aside)."
+    """`{field: (recorded, requested)}` for the fields of the TrainConfig `cfg` that differ from a run's recorded
+    config (RUNTIME_FIELDS aside)."""
     missing = "<missing>"
     return {k: (recorded.get(k, missing), v) for k, v in _jsonable(dataclasses.asdict(cfg)).items()
             if k not in RUNTIME_FIELDS and recorded.get(k, missing) != v}
 
 def load_run(out_dir: str | Path) -> dict:
-    "A finished `getam.train` run folder: `model` (eval mode, CPU), `metrics` (its metrics.json), `cfg` (TrainConfig), `out_dir`, input `mean`/`std`."
+    """A finished `getam.train` run folder: `model` (eval mode, CPU), `metrics` (its metrics.json),
+    `cfg` (TrainConfig), `out_dir`, input `mean`/`std`."""
     out_dir = Path(out_dir)
     for f in ("metrics.json", "model.safetensors"):
-        if not (out_dir / f).is_file(): raise FileNotFoundError(f"{out_dir / f}: not found; expected a finished getam.train run folder (metrics.json + model.safetensors)")
+        if not (out_dir / f).is_file():
+            raise FileNotFoundError(f"{out_dir / f}: not found; expected a finished getam.train run folder "
+                                    "(metrics.json + model.safetensors)")
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    if not metrics.get("config"): raise ValueError(f"{out_dir / 'metrics.json'}: no 'config' recorded; expected the metrics.json written by getam.train")
+    if not metrics.get("config"):
+        raise ValueError(f"{out_dir / 'metrics.json'}: no 'config' recorded; "
+                         "expected the metrics.json written by getam.train")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in metrics["config"].items() if k in names})
     sd = load_file(str(out_dir / "model.safetensors"))
-    model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None), int(sd["backbone.head.weight"].shape[0]))  # weights from the file
+    # weights from the file
+    model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None),
+                        int(sd["backbone.head.weight"].shape[0]))
     model.load_state_dict(sd)
     mean, std = norm_stats(model.backbone) if cfg.pretrained or cfg.weights else (None, None)
     return dict(model=model.eval(), metrics=metrics, cfg=cfg, out_dir=out_dir, mean=mean, std=std)
 
-def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
-    """The end-to-end run of `make_config(preset="synth", dataset=dataset, pretrained=True, **overrides)` (from the shipped weights unless
-    `pretrained=False`) in `{runs_dir}/reproduce/train/{name}`: trained once
-    with `getam.train.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s dict plus `trained` (bool)."""
-    if not name or name in (".", "..") or Path(name).name != name: raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
+def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, progress: bool = True,
+                retrain: bool = True, **overrides) -> dict:
+    """The end-to-end run of `make_config(preset="synth", dataset=dataset, pretrained=True, **overrides)` (from the
+    shipped weights unless `pretrained=False`) in `{runs_dir}/reproduce/train/{name}`: trained once with
+    `getam.train.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s dict plus
+    `trained` (bool)."""
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
     out_dir = runs_root(runs_dir) / "train" / name
     data_root = dataset_root(dataset, root)
     sal = data_root / "SaliencyMaps" if root else Path(get_settings()[f"{dataset}_saliency_root"])
-    cfg = make_config(preset="synth", dataset=dataset, data_root=str(data_root), saliency_root=str(sal), out_dir=str(out_dir),
-                      progress=progress, **{"pretrained": True, **overrides})
+    cfg = make_config(preset="synth", dataset=dataset, data_root=str(data_root), saliency_root=str(sal),
+                      out_dir=str(out_dir), progress=progress, **{"pretrained": True, **overrides})
     if (out_dir / "metrics.json").is_file():
         diff = run_config_diff(cfg, json.loads((out_dir / "metrics.json").read_text()).get("config") or {})
         if not diff: return dict(load_run(out_dir), trained=False)
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        if not retrain: raise ValueError(f"{out_dir}: the cached run was trained with another config ({what}); pass retrain=True or delete the folder")
+        if not retrain:
+            raise ValueError(f"{out_dir}: the cached run was trained with another config ({what}); "
+                             "pass retrain=True or delete the folder")
         print(f"{out_dir}: config changed ({what}); retraining")
     elif (out_dir / "state.pt").is_file():        # interrupted: continue from its last checkpoint if it is the same run
         st = torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)
         if not run_config_diff(cfg, json.loads(st.get("config") or "{}")):
             print(f"{out_dir}: continuing the interrupted run from its checkpoint at step {st['step']}")
             cfg = dataclasses.replace(cfg, resume=True)
-    if out_dir.exists() and not cfg.resume: shutil.rmtree(out_dir)   # stale or unfinished: start clean (no leftover pseudo labels)
-    if not train(cfg)["metrics"]: raise RuntimeError(f"{out_dir}: training stopped early (stop_at_step={cfg.stop_at_step}); nothing to cache")
+    # stale or unfinished: start clean (no leftover pseudo labels)
+    if out_dir.exists() and not cfg.resume: shutil.rmtree(out_dir)
+    if not train(cfg)["metrics"]:
+        raise RuntimeError(f"{out_dir}: training stopped early (stop_at_step={cfg.stop_at_step}); nothing to cache")
     return dict(load_run(out_dir), trained=True)
 
 # %% ../nbs/79_experiments.ipynb #16985b01
@@ -193,16 +233,21 @@ def run_name(*parts, quick: bool = False) -> str:
 def _init_tag(pretrained: bool) -> list[str]: return [] if pretrained else ["scratch"]
 
 def main_run(dataset: str = "synth", quick: bool = False, pretrained: bool = True, **kw) -> dict:
-    """The main end-to-end run (Fig. 11, Table 5): the synth preset fine-tuning the shipped ViT at its full budget (`QUICK`'s with `quick`);
-    `pretrained=False`: from scratch with the preset's own schedule, run `{dataset}-main-scratch`. `kw` go to `trained_run`."""
-    return trained_run(run_name(dataset, "main", *_init_tag(pretrained), quick=quick), dataset, pretrained=pretrained, **kw, **(QUICK if quick else {}))
+    """The main end-to-end run (Fig. 11, Table 5): the synth preset fine-tuning the shipped ViT at its full budget
+    (`QUICK`'s with `quick`); `pretrained=False`: from scratch with the preset's own schedule, run
+    `{dataset}-main-scratch`. `kw` go to `trained_run`."""
+    return trained_run(run_name(dataset, "main", *_init_tag(pretrained), quick=quick), dataset, pretrained=pretrained,
+                       **kw, **(QUICK if quick else {}))
 
-def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False, tag: str | None = None,
-                root=None, runs_dir=None, progress: bool = True, retrain: bool = True, **overrides) -> dict:
-    """The synth preset with `backbone` (None: the preset's) and its shipped weights for `epochs` epochs (`QUICK` with `quick`), run
-    `{tag or dataset}-{backbone}-e{epochs}` (Tables 4, 6); the main run itself when nothing differs from it."""
+def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False,
+                tag: str | None = None, root=None, runs_dir=None, progress: bool = True, retrain: bool = True,
+                **overrides) -> dict:
+    """The synth preset with `backbone` (None: the preset's) and its shipped weights for `epochs` epochs (`QUICK`
+    with `quick`), run `{tag or dataset}-{backbone}-e{epochs}` (Tables 4, 6); the main run itself when nothing
+    differs from it."""
     bb = make_config(preset="synth", backbone=backbone).backbone
-    if tag is None and root is None and not overrides and bb == PRESETS["synth"]["backbone"] and epochs == make_config(preset="synth", pretrained=True).epochs:
+    if (tag is None and root is None and not overrides and bb == PRESETS["synth"]["backbone"]
+            and epochs == make_config(preset="synth", pretrained=True).epochs):
         return main_run(dataset, quick, runs_dir=runs_dir, progress=progress, retrain=retrain)
     budget = QUICK if quick else dict(epochs=int(epochs))
     name = run_name(tag or dataset, bb, quick=True) if quick else run_name(tag or dataset, bb, f"e{epochs}")
@@ -210,94 +255,119 @@ def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int
                        backbone=bb, **{**overrides, **budget})
 
 def synth_coco_root(root=None) -> Path:
-    "SynthVOC in COCO format (the same seed, sizes and images as the VOC-layout SynthVOC), generated once at `root` (default `{synth_root}-coco`)."
+    """SynthVOC in COCO format (the same seed, sizes and images as the VOC-layout SynthVOC), generated once at `root`
+    (default `{synth_root}-coco`)."""
     voc = dataset_root("synth")
     meta = json.loads((voc / "synthvoc.json").read_text()) if (voc / "synthvoc.json").is_file() else {}
     return ensure_synthvoc(Path(root) if root else voc.with_name(voc.name + "-coco"), fmt="coco",
                            **{k: meta[k] for k in ("seed", "n_train", "n_val", "size") if k in meta})
 
 def coco_run(dataset: str = "synth", epochs: int = REDUCED_EPOCHS, quick: bool = False, **kw) -> dict:
-    "Table 6's run (and Fig. 11's COCO row): COCO-format SynthVOC for `dataset='synth'`, else the COCO of settings.ini, `epochs` epochs."
-    if dataset == "synth": return reduced_run("coco", epochs=epochs, quick=quick, tag="synthcoco", root=synth_coco_root(), **kw)
+    """Table 6's run (and Fig. 11's COCO row): COCO-format SynthVOC for `dataset='synth'`, else the COCO of
+    settings.ini, `epochs` epochs."""
+    if dataset == "synth":
+        return reduced_run("coco", epochs=epochs, quick=quick, tag="synthcoco", root=synth_coco_root(), **kw)
     return reduced_run("coco", epochs=epochs, quick=quick, **kw)
 
 def oracle_run(dataset: str = "synth", quick: bool = False, pretrained: bool = True, **kw) -> dict:
-    """Table 5's fully supervised oracle: the main run's preset, weights and number of steps with the ground-truth masks from step 0
-    (`supervision='gt'`, `cls_only_frac=0`); `pretrained=False`: the twin of the from-scratch main run."""
-    return trained_run(run_name(dataset, "oracle", *_init_tag(pretrained), quick=quick), dataset, supervision="gt", cls_only_frac=0.0,
-                       pretrained=pretrained, **kw, **(QUICK if quick else {}))
+    """Table 5's fully supervised oracle: the main run's preset, weights and number of steps with the ground-truth
+    masks from step 0 (`supervision='gt'`, `cls_only_frac=0`); `pretrained=False`: the twin of the from-scratch
+    main run."""
+    return trained_run(run_name(dataset, "oracle", *_init_tag(pretrained), quick=quick), dataset, supervision="gt",
+                       cls_only_frac=0.0, pretrained=pretrained, **kw, **(QUICK if quick else {}))
 
 BACKBONES = {"ViT": "vit_tiny_patch16_224", "ViT-Hybrid": "vit_tiny_r_s16_p8_224", "DeiT": "deit_tiny_patch16_224",
              "DeiT-Distilled": "deit_tiny_distilled_patch16_224"}   # Table 4's families as tiny timm models
 
 def backbone_overrides(backbone: str) -> dict:
-    """Table 4's overrides for `backbone`: none for a plain ViT; for a hybrid (a CNN stem before the patch embedding) the patch size
-    that keeps the preset ViT's token size in pixels, and GETAM on the last half of its blocks (the paper's choice for ViT-Hybrid)."""
+    """Table 4's overrides for `backbone`: none for a plain ViT; for a hybrid (a CNN stem before the patch embedding)
+    the patch size that keeps the preset ViT's token size in pixels, and GETAM on the last half of its blocks (the
+    paper's choice for ViT-Hybrid)."""
     cfg = make_config(preset="synth", backbone=backbone)
-    with torch.random.fork_rng(devices=[]): vit = build_model(cfg, 2).backbone    # leaves the caller's random state alone
+    # leaves the caller's random state alone
+    with torch.random.fork_rng(devices=[]): vit = build_model(cfg, 2).backbone
     stem_net = getattr(vit.patch_embed, "backbone", None)
     if stem_net is None: return {}
-    with torch.no_grad(): stem = cfg.crop_size // stem_net(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size)).shape[-1]  # pixels per stem feature
+    # pixels per stem feature
+    with torch.no_grad(): stem = cfg.crop_size // stem_net(torch.zeros(1, 3, cfg.crop_size, cfg.crop_size)).shape[-1]
     depth = len(vit.blocks)
-    return dict(patch_size=max(1, make_config(preset="synth").patch_size // stem), layers=list(range(depth // 2, depth)))
+    return dict(patch_size=max(1, make_config(preset="synth").patch_size // stem),
+                layers=list(range(depth // 2, depth)))
 
-def backbone_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False, **kw) -> dict:
+def backbone_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False,
+                 **kw) -> dict:
     "Table 4's run of `backbone`: `reduced_run` with `backbone_overrides(backbone)`."
     bb = backbone or BACKBONES["ViT"]
     return reduced_run(dataset, bb, epochs, quick=quick, **backbone_overrides(bb), **kw)
 
 # %% ../nbs/79_experiments.ipynb #b1be1c0f
-def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resnet18", batch_size: int = 8, crop_size: int = 96,
-                    lr: float = 3e-3, head_mult: float = 1.0, scales="single", flip: bool = False, crf: str | None = "released",
-                    runs_dir=None, progress: bool = True, seed: int = 0) -> dict:
-    """DeepLab v2 trained for `steps` steps on the pseudo labels of the end-to-end `run` (a `trained_run` dict) and evaluated on its val split
-    (`scales`, `flip`, `crf` as `getam.evaluate.evaluate_model`); cached in `{runs_dir}/reproduce/train/{name}`. Returns the metrics dict."""
+def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resnet18", batch_size: int = 8,
+                    crop_size: int = 96, lr: float = 3e-3, head_mult: float = 1.0, scales="single", flip: bool = False,
+                    crf: str | None = "released", runs_dir=None, progress: bool = True, seed: int = 0) -> dict:
+    """DeepLab v2 trained for `steps` steps on the pseudo labels of the end-to-end `run` (a `trained_run` dict) and
+    evaluated on its val split (`scales`, `flip`, `crf` as `getam.evaluate.evaluate_model`); cached in
+    `{runs_dir}/reproduce/train/{name}`. Returns the metrics dict."""
     cfg, src = run["cfg"], Path(run["out_dir"])
-    key = _jsonable(dict(source=str(src), source_digest=hashlib.sha1((src / "metrics.json").read_bytes()).hexdigest(), steps=steps, backbone=backbone,
-                         batch_size=batch_size, crop_size=crop_size, lr=lr, head_mult=head_mult, scales=scales, flip=flip, crf=crf, seed=seed))
+    key = _jsonable(dict(source=str(src), source_digest=hashlib.sha1((src / "metrics.json").read_bytes()).hexdigest(),
+                         steps=steps, backbone=backbone, batch_size=batch_size, crop_size=crop_size, lr=lr,
+                         head_mult=head_mult, scales=scales, flip=flip, crf=crf, seed=seed))
     out_dir = runs_root(runs_dir) / "train" / name
-    if (out_dir / "metrics.json").is_file() and (m := json.loads((out_dir / "metrics.json").read_text())).get("key") == key: return m
+    if ((out_dir / "metrics.json").is_file()
+            and (m := json.loads((out_dir / "metrics.json").read_text())).get("key") == key):
+        return m
     if out_dir.exists(): shutil.rmtree(out_dir)
     paths = resolve_paths(cfg)
-    r = train_deeplab(src / "pseudo_labels", cfg.dataset, paths["root"], backbone, epochs=steps, batch_size=batch_size, crop_size=crop_size,
-                      lr=lr, head_mult=head_mult, scale_range=(0.5, 1.5), train_split=paths["train_split"], val_split=paths["val_split"],
-                      eval_scales=scales, flip=flip, crf=crf, device="cpu", seed=seed, out_dir=out_dir, processes=1, max_steps=steps,
-                      limit_train=cfg.limit_train, eval_limit=cfg.limit_val, progress=progress)
+    r = train_deeplab(src / "pseudo_labels", cfg.dataset, paths["root"], backbone, epochs=steps, batch_size=batch_size,
+                      crop_size=crop_size, lr=lr, head_mult=head_mult, scale_range=(0.5, 1.5),
+                      train_split=paths["train_split"], val_split=paths["val_split"],
+                      eval_scales=scales, flip=flip, crf=crf, device="cpu", seed=seed, out_dir=out_dir, processes=1,
+                      max_steps=steps, limit_train=cfg.limit_train, eval_limit=cfg.limit_val, progress=progress)
     res = dict(key=key, steps=r["steps"], n_train=r["n_train"], final_loss=r["final_loss"], train_s=r["train_seconds"],
                n_val=r["n_val"], metrics=r["metrics"])
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
     return res
 
-DEEPLAB = dict(steps=64, backbone="resnet18", scales="single", crf="released")   # Table 5's multi-stage budget (its notebook's defaults)
+# Table 5's multi-stage budget (its notebook's defaults)
+DEEPLAB = dict(steps=64, backbone="resnet18", scales="single", crf="released")
 
-def deeplab_run(dataset: str = "synth", quick: bool = False, run: dict | None = None, steps: int = DEEPLAB["steps"], backbone: str = DEEPLAB["backbone"],
-                scales: str = DEEPLAB["scales"], crf: str | None = DEEPLAB["crf"], runs_dir=None, progress: bool = True) -> dict:
-    """Table 5's multi-stage row: `trained_deeplab` on the pseudo labels of `run` (default: the main run, trained first if needed), named
-    `{run}-deeplab-{backbone}-s{steps}`, tested at `scales` (with flip unless single scale) and + CRF; `quick` caps `steps` at 4."""
+def deeplab_run(dataset: str = "synth", quick: bool = False, run: dict | None = None, steps: int = DEEPLAB["steps"],
+                backbone: str = DEEPLAB["backbone"], scales: str = DEEPLAB["scales"], crf: str | None = DEEPLAB["crf"],
+                runs_dir=None, progress: bool = True) -> dict:
+    """Table 5's multi-stage row: `trained_deeplab` on the pseudo labels of `run` (default: the main run, trained
+    first if needed), named `{run}-deeplab-{backbone}-s{steps}`, tested at `scales` (with flip unless single scale)
+    and + CRF; `quick` caps `steps` at 4."""
     run = run or main_run(dataset, quick=quick, runs_dir=runs_dir, progress=progress)
     steps = min(4, int(steps)) if quick else int(steps)
-    return trained_deeplab(run, run_name(Path(run["out_dir"]).name, "deeplab", backbone, f"s{steps}"), steps=steps, backbone=backbone,
-                           scales=scales, flip=scales != "single", crf=crf, runs_dir=runs_dir, progress=progress)
+    return trained_deeplab(run, run_name(Path(run["out_dir"]).name, "deeplab", backbone, f"s{steps}"), steps=steps,
+                           backbone=backbone, scales=scales, flip=scales != "single", crf=crf, runs_dir=runs_dir,
+                           progress=progress)
 
 # %% ../nbs/79_experiments.ipynb #568b3b51
-def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor, refine: bool = True, **kw) -> torch.Tensor:
-    "Pseudo labels [B, H, W] (0 bg, c+1, 255 ignore) from raw `maps` [B, C, h, w] with `getam.completion.pseudo_labels` (`kw`: e.g. `alpha`, `gamma`)."
+def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
+                   refine: bool = True, **kw) -> torch.Tensor:
+    """Pseudo labels [B, H, W] (0 bg, c+1, 255 ignore) from raw `maps` [B, C, h, w] with
+    `getam.completion.pseudo_labels` (`kw`: e.g. `alpha`, `gamma`)."""
     return pseudo_labels(x, maps.detach().float(), labels, saliency, refine=refine, **kw)
 
 def argmax_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, gamma: float = 32.0) -> torch.Tensor:
-    "Labels [B, H, W] from the maps alone: resized, max-normalised, argmax against the background `(1 - max)^gamma` (no PAMR, no saliency)."
+    """Labels [B, H, W] from the maps alone: resized, max-normalised, argmax against the background `(1 - max)^gamma`
+    (no PAMR, no saliency)."""
     return activation_argmax(label_maps(x, maps.detach().float(), labels, refine=False), labels, gamma)
 
 def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True,
                       rule: str = "completed", **kw) -> tuple[float, torch.Tensor]:
-    """mIoU (%) and per-class IoU of the labels of `method(x, labels) -> maps` (or of `method`, raw maps [N, C, h, w] computed once) against the
-    masks (background included): `rule="completed"`, the pseudo labels of `maps_to_labels` (`kw` go there); `"argmax"`, the maps alone (`argmax_labels`)."""
-    if rule not in ("completed", "argmax"): raise ValueError(f"rule={rule!r}; expected 'completed' (the label rule) or 'argmax' (the maps alone)")
+    """mIoU (%) and per-class IoU of the labels of `method(x, labels) -> maps` (or of `method`, raw maps [N, C, h, w]
+    computed once) against the masks (background included): `rule="completed"`, the pseudo labels of `maps_to_labels`
+    (`kw` go there); `"argmax"`, the maps alone (`argmax_labels`)."""
+    if rule not in ("completed", "argmax"):
+        raise ValueError(f"rule={rule!r}; expected 'completed' (the label rule) or 'argmax' (the maps alone)")
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(x), batch_size):
         sl = slice(i, i + batch_size)
         maps = method[sl] if torch.is_tensor(method) else method(x[sl], labels[sl])
-        cm.update(maps_to_labels(x[sl], maps, labels[sl], saliency[sl], refine, **kw) if rule == "completed" else argmax_labels(x[sl], maps, labels[sl], **kw), masks[sl])
+        pred = (maps_to_labels(x[sl], maps, labels[sl], saliency[sl], refine, **kw) if rule == "completed"
+                else argmax_labels(x[sl], maps, labels[sl], **kw))
+        cm.update(pred, masks[sl])
     return 100 * cm.miou(), cm.iou()
 
 # %% ../nbs/79_experiments.ipynb #d0d2edce
@@ -308,11 +378,13 @@ def markdown_table(df) -> str:
         return "–" if v is None else str(v)
     cols = [str(c) for c in df.columns]
     rows = [[fmt(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 def save_table(df, out_dir: str | Path, name: str, caption: str = "") -> tuple[Path, Path]:
     "Write `{out_dir}/{name}.md` (caption + Markdown table) and `{name}.csv`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     md, csv = out / f"{name}.md", out / f"{name}.csv"
     with atomic_path(md) as t: t.write_text((f"{caption}\n\n" if caption else "") + markdown_table(df))
     with atomic_path(csv) as t: df.to_csv(t, index=False)
@@ -320,20 +392,25 @@ def save_table(df, out_dir: str | Path, name: str, caption: str = "") -> tuple[P
 
 def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
     "Write `{out_dir}/{name}.png`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     p = out / f"{name}.png"
     with atomic_path(p) as t: fig.savefig(t, format="png", dpi=dpi, bbox_inches="tight")
     return p
 
 # %% ../nbs/79_experiments.ipynb #88b36838
-def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str] | None = None, opacity: float = 0.5, scale: int | None = None):
-    "Draw `image_u8` [3,H,W] then each map [h, w] over it into `axes` (one row), upsampled `scale` times (default: to about 256 px)."
+def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str] | None = None, opacity: float = 0.5,
+             scale: int | None = None):
+    """Draw `image_u8` [3,H,W] then each map [h, w] over it into `axes` (one row), upsampled `scale` times
+    (default: to about 256 px)."""
     scale = scale or max(1, 256 // image_u8.shape[-1])
     img = image_u8.permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
     panels = [img] + [overlay(img, np.asarray(m.detach().float() if torch.is_tensor(m) else m), opacity) for m in maps]
     titles = list(titles or [])
     for i, (ax, p) in enumerate(zip(axes, panels)):
-        ax.imshow(p); ax.set_xticks([]); ax.set_yticks([])
+        ax.imshow(p)
+        ax.set_xticks([])
+        ax.set_yticks([])
         if i < len(titles): ax.set_title(titles[i], fontsize=9)
 
 def add_map_colorbar(fig, axes, label: str = "activation / the map's own max"):
@@ -341,5 +418,6 @@ def add_map_colorbar(fig, axes, label: str = "activation / the map's own max"):
     import matplotlib as mpl
     sm = mpl.cm.ScalarMappable(cmap="jet", norm=mpl.colors.Normalize(0, 1))
     cb = fig.colorbar(sm, ax=list(np.ravel(axes)), shrink=0.5, pad=0.02, aspect=30)
-    cb.set_label(label, fontsize=8); cb.ax.tick_params(labelsize=7)
+    cb.set_label(label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
     return cb

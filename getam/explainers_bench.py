@@ -39,7 +39,8 @@ def _pytorch_grad_cam(kind: str):
         p, (h, w) = model.num_prefix_tokens, (x.shape[-2] // ph, x.shape[-1] // pw)
         def reshape(t): return t[:, p:].reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
         maps = torch.zeros(*labels.shape, *x.shape[-2:])
-        with getattr(pytorch_grad_cam, kind)(model=model, target_layers=[model.blocks[-1].norm1], reshape_transform=reshape) as cam:
+        with getattr(pytorch_grad_cam, kind)(model=model, target_layers=[model.blocks[-1].norm1],
+                                             reshape_transform=reshape) as cam:
             for rows, cls in cams.present_ranks(labels):
                 out = cam(input_tensor=x[rows], targets=[ClassifierOutputTarget(int(c)) for c in cls])
                 maps[rows, cls] = torch.from_numpy(out).float()
@@ -48,16 +49,19 @@ def _pytorch_grad_cam(kind: str):
 
 def methods() -> dict[str, Callable | str]:
     "Name → `fn(model, x, labels) -> maps [B, C, h, w]`, or a string saying why the method cannot run."
-    out = {"GETAM": _ours(cams.getam), "Att-Gradients": _ours(cams.att_gradients), "Grad-CAM (ours)": _ours(cams.grad_cam)}
+    out = {"GETAM": _ours(cams.getam), "Att-Gradients": _ours(cams.att_gradients),
+           "Grad-CAM (ours)": _ours(cams.grad_cam)}
     try:
         import pytorch_grad_cam  # noqa: F401
         out["GradCAM (pytorch-grad-cam)"] = _pytorch_grad_cam("GradCAM")
         out["LayerCAM (pytorch-grad-cam)"] = _pytorch_grad_cam("LayerCAM")
     except ImportError:
-        out["GradCAM (pytorch-grad-cam)"] = out["LayerCAM (pytorch-grad-cam)"] = "not installed (pip install getam[compare])"
+        out["GradCAM (pytorch-grad-cam)"] = out["LayerCAM (pytorch-grad-cam)"] = (
+            "not installed (pip install getam[compare])")
     try:
         import torchcam  # noqa: F401
-        out["LeGrad (torchcam)"] = "n/a: torchcam's LeGrad needs blocks with an nn.MultiheadAttention `self_attention` (torchvision ViT); timm ViTs have none"
+        out["LeGrad (torchcam)"] = ("n/a: torchcam's LeGrad needs blocks with an nn.MultiheadAttention "
+                                    "`self_attention` (torchvision ViT); timm ViTs have none")
     except ImportError:
         out["LeGrad (torchcam)"] = "not installed (pip install getam[compare])"
     return out
@@ -68,11 +72,13 @@ COLUMNS = ["method", "s / batch (median)", "s total", "deletion AUC ↓", "inser
 
 def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
               size: int = 128, n_images: int = 64, batch_size: int = 16, steps: int = 16,
-              out: str | Path = "figures", name: str = "explainers", threads: int | None = None, seed: int = 0) -> list[dict]:
+              out: str | Path = "figures", name: str = "explainers",
+              threads: int | None = None, seed: int = 0) -> list[dict]:
     "Run the side-by-side comparison; print the table and write `{out}/{name}.md` and `.csv`. Returns the rows."
     if threads: torch.set_num_threads(threads)
     arch = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)
-    model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH, img_size=size, **arch)
+    model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH,
+                            img_size=size, **arch)
     if weights is not None: model.load_state_dict(load_weights_file(weights))
     model.eval()
     how = f"weights {weights}" if weights else "the shipped getam.pretrain weights"
@@ -85,10 +91,12 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
     rows = []
     for mname, fn in methods().items():
         if isinstance(fn, str):
-            rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn}); continue
+            rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn})
+            continue
         times, dels, ins, pg, epg, cm = [], [], [], [], [], ConfusionMatrix(C + 1)
         pg_cls, epg_cls = [], []
-        fn(model, val["x"][:batch_size], val["label"][:batch_size])      # warm-up (first-call costs, lazy imports)
+        # warm-up (first-call costs, lazy imports)
+        fn(model, val["x"][:batch_size], val["label"][:batch_size])
         for i in range(0, len(val["x"]), batch_size):
             x, y = val["x"][i:i + batch_size], val["label"][i:i + batch_size]
             t0 = time.perf_counter()
@@ -98,8 +106,12 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
             m, sal = val["mask"][i:i + batch_size], val["saliency"][i:i + batch_size]
             dels.append(deletion_insertion(model, x, maps, y, "deletion", steps).auc)
             ins.append(deletion_insertion(model, x, maps, y, "insertion", steps).auc)
-            p = pointing_game(maps, y, m); e = energy_pointing_game(maps, y, m)
-            pg.append(p.values); pg_cls.append(p.classes); epg.append(e.values); epg_cls.append(e.classes)
+            p = pointing_game(maps, y, m)
+            e = energy_pointing_game(maps, y, m)
+            pg.append(p.values)
+            pg_cls.append(p.classes)
+            epg.append(e.values)
+            epg_cls.append(e.classes)
             update_pseudo_label_cm(cm, x, maps, y, sal, m)
         cls_mean = lambda v, c: float(np.nanmean([v[c == k].mean().item() for k in range(C) if (c == k).any()]))
         rows.append({"method": mname, "s / batch (median)": float(np.median(times)), "s total": float(sum(times)),
@@ -108,12 +120,13 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
                      "energy PG ↑": cls_mean(torch.cat(epg), torch.cat(epg_cls)),
                      "pseudo-label mIoU ↑": 100 * cm.miou(), "note": ""})
     n_pairs = int((val["label"] > 0).sum())
-    caption = (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present (image, class) pairs, "
-               f"batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, width 64, 6 blocks, 2 heads ({how}; "
-               f"val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all present classes of a batch. Deletion / insertion: "
-               f"RISE, {steps} steps, baselines 0 (normalised) and blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game "
-               f"(tolerance 0) and energy-based pointing game (class boxes from the masks): mean over classes. mIoU: pseudo labels "
-               f"with one rule for all (PAMR, max-normalisation, activation-aware completion with saliency), background included.")
+    caption = (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
+               f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, "
+               f"width 64, 6 blocks, 2 heads ({how}; val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all "
+               f"present classes of a batch. Deletion / insertion: RISE, {steps} steps, baselines 0 (normalised) and "
+               f"blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game (tolerance 0) and energy-based "
+               f"pointing game (class boxes from the masks): mean over classes. mIoU: pseudo labels with one rule for "
+               f"all (PAMR, max-normalisation, activation-aware completion with saliency), background included.")
     write_table(rows, out, name, caption)
     return rows
 
@@ -123,26 +136,34 @@ def _fmt(v) -> str:
 
 def write_table(rows: Sequence[dict], out: str | Path, name: str, caption: str = "") -> tuple[Path, Path]:
     "Print the rows as a Markdown table and write `{out}/{name}.md` (caption + table) and `{name}.csv`."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     md, csv_path = out / f"{name}.md", out / f"{name}.csv"
     with atomic_path(md) as t: t.write_text((caption + "\n\n" if caption else "") + "\n".join(lines) + "\n")
     with atomic_path(csv_path) as t:
         with open(t, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS); w.writeheader(); w.writerows(rows)
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
     print(caption + "\n\n" + "\n".join(lines))
     return md, csv_path
 
 # %% ../nbs/98_explainers_bench.ipynb #d9e02fdc
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m getam.explainers_bench", description="Explainers side by side on SynthVOC val.")
-    p.add_argument("--weights", default=None, help="a state dict of the synth preset's ViT (default: the weights shipped with getam)")
+    p = argparse.ArgumentParser(prog="python -m getam.explainers_bench",
+                                description="Explainers side by side on SynthVOC val.")
+    p.add_argument("--weights", default=None,
+                   help="a state dict of the synth preset's ViT (default: the weights shipped with getam)")
     p.add_argument("--root", default=None, help="SynthVOC root (default: synth_root of settings.ini)")
-    p.add_argument("--size", type=int, default=128); p.add_argument("--n-images", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16); p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--n-images", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="figures"); p.add_argument("--name", default="explainers")
+    p.add_argument("--out", default="figures")
+    p.add_argument("--name", default="explainers")
     a = p.parse_args(argv)
     return benchmark(a.weights, a.root, a.size, a.n_images, a.batch_size, a.steps, a.out, a.name, a.threads)
 

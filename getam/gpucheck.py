@@ -61,13 +61,17 @@ def junit_rows(path: str | Path) -> list[dict]:
     return rows
 
 def run_cuda_tests(tests: str | Path | None = None, timeout: int = 300) -> dict:
-    "Run the `cuda`-marked tests of `tests` (default `find_tests()`) in a child pytest → counts per outcome and the rows."
+    """Run the `cuda`-marked tests of `tests` (default `find_tests()`) in a child pytest
+    → counts per outcome and the rows."""
     tests = Path(tests) if tests else find_tests()
-    if tests is None: return dict(status="skipped", reason="no tests/ folder: the CUDA tests come with a source checkout")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    if tests is None:
+        return dict(status="skipped", reason="no tests/ folder: the CUDA tests come with a source checkout")
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={report}", str(tests)]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+               f"--junitxml={report}", str(tests)]
         proc = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=timeout)
         rows = junit_rows(report) if report.is_file() else []
     counts = {k: sum(r["outcome"] == k for r in rows) for k in ("passed", "failed", "error", "skipped")}
@@ -77,22 +81,27 @@ def run_cuda_tests(tests: str | Path | None = None, timeout: int = 300) -> dict:
     return out
 
 # %% ../nbs/97_gpucheck.ipynb #7eb6dd0c
-def time_getam(device: torch.device | str = "cuda", repeats: int = 5, name: str = "vit_base_patch16_384", size: int = 384,
-               ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0, **model_kw) -> dict:
-    "Released recipe vs `getam` vs the floor on `device`, side by side (random weights: `pretrained=False`); ms per call and ratios."
+def time_getam(device: torch.device | str = "cuda", repeats: int = 5, name: str = "vit_base_patch16_384",
+               size: int = 384, ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0,
+               **model_kw) -> dict:
+    """Released recipe vs `getam` vs the floor on `device`, side by side (random weights: `pretrained=False`);
+    ms per call and ratios."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = create_backbone(name, pretrained=False, num_classes=num_classes, img_size=size, **model_kw).eval().to(device)
+    model = create_backbone(name, pretrained=False, num_classes=num_classes, img_size=size,
+                            **model_kw).eval().to(device)
     images = torch.randn(len(ks), 3, size, size, device=device)
     labels = torch.zeros(len(ks), num_classes, device=device)
     for b, k in enumerate(ks): labels[b, torch.randperm(num_classes)[:k]] = 1
     released = _released_recipe(model, images, labels)
     ours = getam(model, images, labels).cpu()
     rel_diff = ((released.cpu() - ours).norm() / released.norm().clamp_min(1e-30)).item()
-    fns = {"(a) released": lambda: _released_recipe(model, images, labels), "(b) getam": lambda: getam(model, images, labels),
+    fns = {"(a) released": lambda: _released_recipe(model, images, labels),
+           "(b) getam": lambda: getam(model, images, labels),
            "(c) floor": lambda: _floor(model, images, labels)}
     t = time_side_by_side({k: synced(f, device) for k, f in fns.items()}, repeats=repeats)
-    print(f"{name} at {size}px on {device}, batch {len(ks)}, K per image {list(ks)}; maps (a) vs (b) relative difference {rel_diff:.1e}")
+    print(f"{name} at {size}px on {device}, batch {len(ks)}, K per image {list(ks)}; "
+          f"maps (a) vs (b) relative difference {rel_diff:.1e}")
     print(format_timings(t))
     a, b, c = t.values()
     return dict(model=name, size=size, batch=len(ks), ks=list(ks), ms={k: round(v * 1e3, 2) for k, v in t.items()},
@@ -101,7 +110,8 @@ def time_getam(device: torch.device | str = "cuda", repeats: int = 5, name: str 
 # %% ../nbs/97_gpucheck.ipynb #bdd1f434
 def time_train_step(device: torch.device | str = "cuda", repeats: int = 5, backbone: str = "vit_base_r50_s16_384",
                     num_classes: int = 20, seed: int = 0, **overrides) -> dict:
-    "ms per phase-2 training step of the `released` preset (its batch 4 and crop 256 unless overridden) and the peak memory."
+    """ms per phase-2 training step of the `released` preset (its batch 4 and crop 256 unless overridden)
+    and the peak memory."""
     device = torch.device(device)
     cfg = make_config(preset="released", backbone=backbone, device=str(device), **overrides)
     torch.manual_seed(seed)
@@ -111,7 +121,8 @@ def time_train_step(device: torch.device | str = "cuda", repeats: int = 5, backb
     B, S = cfg.batch_size, cfg.crop_size
     labels = torch.zeros(B, num_classes)
     for b in range(B): labels[b, torch.randperm(num_classes, generator=g)[:1 + b % 3]] = 1
-    batch = dict(image=torch.randn(B, 3, S, S, generator=g), label=labels, saliency=(torch.rand(B, S, S, generator=g) > 0.5).long())
+    batch = dict(image=torch.randn(B, 3, S, S, generator=g), label=labels,
+                 saliency=(torch.rand(B, S, S, generator=g) > 0.5).long())
     batch = {k: v.to(device) for k, v in batch.items()}
     losses = []
     def step():
@@ -151,13 +162,15 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
     "Initialise a one-process `backend` group, wrap a tiny model in DDP, take one step; → backend, world size, loss."
     device = torch.device(device)
     if device.type == "cuda" and device.index is None: device = torch.device("cuda", torch.cuda.current_device())
-    if dist.is_initialized(): raise RuntimeError("a torch.distributed process group is already initialised in this process")
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group is already initialised in this process")
     with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"):
         if device.type == "cuda": torch.cuda.set_device(device)
         dist.init_process_group(backend)
         try:
             torch.manual_seed(0)
-            model = GetamSegmenter(tiny_backbone(num_classes=3, img_size=32, depth=4), num_classes=3, features=16).to(device)
+            model = GetamSegmenter(tiny_backbone(num_classes=3, img_size=32, depth=4), num_classes=3,
+                                   features=16).to(device)
             net = _ddp(model, device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             g = torch.Generator().manual_seed(0)
@@ -174,7 +187,8 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
             out = dict(backend=dist.get_backend(), world_size=dist.get_world_size(), wrapped=type(net).__name__,
                        loss=loss.item(), params_with_grad=len(grads))
         finally: dist.destroy_process_group()
-    print(f"{out['backend']} process group (world size {out['world_size']}), {out['wrapped']}, one step: loss {out['loss']:.4f}")
+    print(f"{out['backend']} process group (world size {out['world_size']}), {out['wrapped']}, "
+          f"one step: loss {out['loss']:.4f}")
     return out
 
 # %% ../nbs/97_gpucheck.ipynb #a30c3321
@@ -182,10 +196,12 @@ def _summary(name: str, r: dict) -> str:
     "One line of the table for part `name`'s result `r`."
     if r["status"] == "failed" and "error" in r: return r["error"][:100]
     if r["status"] == "skipped": return r.get("reason", "")
-    if name == "cuda_tests": return f"{r['passed']} passed, {r['failed']} failed, {r['error']} errors, {r['skipped']} skipped"
+    if name == "cuda_tests":
+        return f"{r['passed']} passed, {r['failed']} failed, {r['error']} errors, {r['skipped']} skipped"
     if name == "getam_timing":
         ms = r["ms"]
-        return (f"released {ms['(a) released']:.0f} ms, getam {ms['(b) getam']:.0f} ms, floor {ms['(c) floor']:.0f} ms: "
+        return (f"released {ms['(a) released']:.0f} ms, getam {ms['(b) getam']:.0f} ms, "
+                f"floor {ms['(c) floor']:.0f} ms: "
                 f"{r['speedup_over_released']:.1f}x faster, getam/floor {r['getam_over_floor']:.2f}")
     if name == "train_step": return f"{r['ms_per_step']:.0f} ms/step, peak {r['peak_memory_mib']:.0f} MiB"
     if name == "nccl_ddp": return f"{r['backend']}, world size {r['world_size']}, loss {r['loss']:.4f}"
@@ -205,7 +221,8 @@ def _write(report: dict, out: str | Path | None):
     with atomic_path(Path(out)) as tmp: tmp.write_text(json.dumps(report, indent=1, default=str))
 
 def run_parts(parts: dict, report: dict, out: str | Path | None = None) -> dict:
-    "Run each `parts[name]()` (→ a dict of results) into `report['parts'][name]` with its status and seconds; a part that raises is `failed` with its error and the next one still runs. Writes `out` after each part."
+    """Run each `parts[name]()` (→ a dict of results) into `report['parts'][name]` with its status and seconds;
+    a part that raises is `failed` with its error and the next one still runs. Writes `out` after each part."""
     for name, part in parts.items():
         t0 = time.perf_counter()
         try: result = {"status": "ok", **part()}
@@ -218,7 +235,8 @@ def run_parts(parts: dict, report: dict, out: str | Path | None = None) -> dict:
     return report
 
 def gpu_check(repeats: int = 5, out: str | Path | None = "gpu_check.json", tests: str | Path | None = None) -> dict:
-    "Run every part of `PARTS` on the first CUDA device, print a table and write the report to `out` (JSON); without CUDA, skip them all."
+    """Run every part of `PARTS` on the first CUDA device, print a table and write the report to `out` (JSON);
+    without CUDA, skip them all."""
     report = dict(cuda=torch.cuda.is_available(), torch=torch.__version__, torch_cuda=torch.version.cuda, parts={})
     if not report["cuda"]:
         report["skipped"] = list(PARTS)
@@ -227,7 +245,8 @@ def gpu_check(repeats: int = 5, out: str | Path | None = "gpu_check.json", tests
         _write(report, out)
         return report
     device = torch.device("cuda", torch.cuda.current_device())
-    report.update(device=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+    report.update(device=torch.cuda.get_device_name(device),
+                  capability=".".join(map(str, torch.cuda.get_device_capability(device))),
                   memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
     print(f"GPU check on {report['device']} (torch {torch.__version__}, CUDA {torch.version.cuda}), writing {out}")
     parts = {"cuda_tests": lambda: run_cuda_tests(tests), "getam_timing": lambda: time_getam(device, repeats),
@@ -238,10 +257,12 @@ def gpu_check(repeats: int = 5, out: str | Path | None = "gpu_check.json", tests
 
 # %% ../nbs/97_gpucheck.ipynb #c96624c8
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m getam.gpucheck", description=(__doc__ or "") + " Exits 0 without CUDA; 1 when a part failed.")
+    p = argparse.ArgumentParser(prog="python -m getam.gpucheck",
+                                description=(__doc__ or "") + " Exits 0 without CUDA; 1 when a part failed.")
     p.add_argument("--out", default="gpu_check.json", help="the JSON report (default: gpu_check.json)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of each timed candidate (default 5)")
-    p.add_argument("--tests", default=None, help="the tests/ folder with the CUDA-marked tests (default: the checkout's)")
+    p.add_argument("--tests", default=None,
+                   help="the tests/ folder with the CUDA-marked tests (default: the checkout's)")
     a = p.parse_args(argv)
     report = gpu_check(a.repeats, a.out, a.tests)
     return int(any(r["status"] == "failed" for r in report["parts"].values()))

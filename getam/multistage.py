@@ -33,19 +33,26 @@ class PseudoLabelDataset(Dataset):
     "Items of `base` (uint8 `image`, `name`) with `mask` replaced by `pseudo_dir/{name}.png`, augmented for training."
     def __init__(self, base, pseudo_dir: str | Path, crop_size: int = 321, scale_range=(0.5, 1.5), flip: bool = True,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.base, self.pseudo_dir, self.crop_size, self.scale_range, self.flip = base, Path(pseudo_dir), crop_size, scale_range, flip
+        self.base, self.pseudo_dir, self.crop_size = base, Path(pseudo_dir), crop_size
+        self.scale_range, self.flip = scale_range, flip
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-        if not self.pseudo_dir.is_dir(): raise FileNotFoundError(f"{self.pseudo_dir}: not found; expected a folder of pseudo-label PNGs, one {{name}}.png per training image")
+        if not self.pseudo_dir.is_dir():
+            raise FileNotFoundError(f"{self.pseudo_dir}: not found; expected a folder of pseudo-label PNGs, "
+                                    "one {name}.png per training image")
     def __len__(self): return len(self.base)
 
     def __getitem__(self, i):
-        item = self.base[i]; name = str(item["name"])
+        item = self.base[i]
+        name = str(item["name"])
         p = self.pseudo_dir / f"{name}.png"
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no pseudo label for training image {name!r}; expected one {{name}}.png per image of the split")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no pseudo label for training image {name!r}; "
+                                    "expected one {name}.png per image of the split")
         mask = torch.from_numpy(read_png(p).astype(np.int64))
         img = item["image"]
         if mask.ndim != 2 or tuple(mask.shape) != tuple(img.shape[-2:]):
-            raise ValueError(f"{p}: pseudo label of shape {tuple(mask.shape)}, expected a single-channel label map of the image size {tuple(img.shape[-2:])}")
+            raise ValueError(f"{p}: pseudo label of shape {tuple(mask.shape)}, "
+                             f"expected a single-channel label map of the image size {tuple(img.shape[-2:])}")
         return self.augment(img, mask, name)
 
     def augment(self, img: torch.Tensor, mask: torch.Tensor, name: str) -> dict:
@@ -56,18 +63,22 @@ class PseudoLabelDataset(Dataset):
         m = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         if self.flip and torch.rand(()) < 0.5: x, m = x.flip(-1), m.flip(-1)
         x = (x - self.mean) / self.std
-        c = self.crop_size; Hp, Wp = max(h, c), max(w, c)
-        xp = torch.zeros(3, Hp, Wp); mp = torch.full((Hp, Wp), 255, dtype=torch.long)
+        c = self.crop_size
+        Hp, Wp = max(h, c), max(w, c)
+        xp = torch.zeros(3, Hp, Wp)
+        mp = torch.full((Hp, Wp), 255, dtype=torch.long)
         xp[:, :h, :w], mp[:h, :w] = x, m
         y0, x0 = int(torch.randint(0, Hp - c + 1, ())), int(torch.randint(0, Wp - c + 1, ()))
-        return dict(image=xp[:, y0:y0 + c, x0:x0 + c].contiguous(), mask=mp[y0:y0 + c, x0:x0 + c].contiguous(), name=name)
+        return dict(image=xp[:, y0:y0 + c, x0:x0 + c].contiguous(), mask=mp[y0:y0 + c, x0:x0 + c].contiguous(),
+                    name=name)
 
 # %% ../nbs/66_multistage.ipynb #e204051d
 def poly_lr(step: int, total: int, lr: float, power: float = 0.9) -> float:
     "The poly schedule `lr · (1 − step/total)^power` (each group scales it by its `lr_mult`: 10 for the ASPP head)."
     return lr * (1 - min(step, total) / total) ** power
 
-def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, head_mult: float = 10.0):
+def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   head_mult: float = 10.0):
     "SGD over the backbone (lr) and the ASPP head (lr × `head_mult`)."
     groups = model.param_groups(lr, head_mult)
     for g in groups: g["lr_mult"] = g["lr"] / lr
@@ -95,7 +106,10 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
                   resume: bool = False, progress: bool = True) -> dict:
     """Train DeepLab v2 on a folder of pseudo labels through `getam.loop.fit` (poly lr, SGD) and evaluate it with the
     protocol of `getam.infer.evaluate_model`; returns (and writes `out_dir/metrics.json`) the metrics."""
-    seed_everything(seed); device = resolve_device(device); out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     base = load_dataset(dataset, data_root, train_split)
     if limit_train: base = Subset(base, range(min(limit_train, len(base))))
     names = base.dataset.class_names if isinstance(base, Subset) else base.class_names
@@ -104,48 +118,65 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
     opt = make_optimizer(model, lr, momentum, weight_decay, head_mult)
     epochs = epochs if max_steps is None else min(epochs, -(-max_steps // max(1, len(ds) // batch_size)))
     t0 = time.time()
-    run = fit(deeplab_step, model, opt, ds, epochs=epochs, batch_size=min(batch_size, len(ds)), lr_at=partial(poly_lr, lr=lr),
-              out_dir=out_dir / "train", config=dict(pseudo_dir=str(pseudo_dir), backbone=backbone, lr=lr, seed=seed), seed=seed,
+    run = fit(deeplab_step, model, opt, ds, epochs=epochs, batch_size=min(batch_size, len(ds)),
+              lr_at=partial(poly_lr, lr=lr), out_dir=out_dir / "train",
+              config=dict(pseudo_dir=str(pseudo_dir), backbone=backbone, lr=lr, seed=seed), seed=seed,
               device=device, resume=resume, stop_at_step=max_steps, num_workers=num_workers, progress=progress)
-    save_deeplab(model, out_dir / "model.safetensors", epoch=epochs, step=run["step"], mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-    res = dict(dataset=dataset, pseudo_dir=str(pseudo_dir), backbone=backbone, epochs=epochs, steps=run["step"], n_train=len(ds),
-               batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed, train_seconds=round(time.time() - t0, 1),
+    save_deeplab(model, out_dir / "model.safetensors", epoch=epochs, step=run["step"],
+                 mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    res = dict(dataset=dataset, pseudo_dir=str(pseudo_dir), backbone=backbone, epochs=epochs, steps=run["step"],
+               n_train=len(ds), batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed,
+               train_seconds=round(time.time() - t0, 1),
                final_loss=float(np.mean([r["loss"] for r in run["log"][-8:]])) if run["log"] else None,
-               log=[dict(epoch=e + 1, step=rows[-1]["step"] + 1, loss=float(np.mean([r["loss"] for r in rows])), lr=rows[-1]["lr"])
+               log=[dict(epoch=e + 1, step=rows[-1]["step"] + 1, loss=float(np.mean([r["loss"] for r in rows])),
+                         lr=rows[-1]["lr"])
                     for e, rows in _by_epoch(run["log"]).items()])
     if val_split:
         val = load_dataset(dataset, data_root, val_split)
         cms = evaluate_model(model.eval(), val, class_names=val.class_names, scales=eval_scales, flip=flip, crf=crf,
                              device=device, processes=processes, limit=eval_limit, progress=progress)
-        res.update(val_split=val_split, n_val=min(len(val), eval_limit or len(val)), eval_scales=str(eval_scales), crf=crf, metrics=metrics(cms))
+        res.update(val_split=val_split, n_val=min(len(val), eval_limit or len(val)), eval_scales=str(eval_scales),
+                   crf=crf, metrics=metrics(cms))
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
     return res
 
 
 # %% ../nbs/66_multistage.ipynb #829fed4d
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m getam.multistage", description="Train DeepLab v2 on a folder of pseudo labels (multi-stage route) and evaluate it")
-    p.add_argument("--pseudo-dir", required=True, help="folder of pseudo-label PNGs, one {name}.png per training image (255 = ignore)")
+    p = argparse.ArgumentParser(
+        prog="python -m getam.multistage",
+        description="Train DeepLab v2 on a folder of pseudo labels (multi-stage route) and evaluate it")
+    p.add_argument("--pseudo-dir", required=True,
+                   help="folder of pseudo-label PNGs, one {name}.png per training image (255 = ignore)")
     p.add_argument("--dataset", default=None, help="voc | coco | synth (default: settings.ini `dataset`)")
     p.add_argument("--data-root", default=None, help="default: settings.ini `{dataset}_root`")
     p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
-    p.add_argument("--weights", default=None, help="local torchvision ResNet ImageNet weights (.pth/.safetensors); none downloaded")
-    p.add_argument("--epochs", type=int, default=20); p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--crop-size", type=int, default=321); p.add_argument("--lr", type=float, default=2.5e-4)
-    p.add_argument("--head-mult", type=float, default=10.0, help="lr multiplier of the ASPP head (10 with ImageNet weights; 1 is stabler from scratch)")
-    p.add_argument("--train-split", default="train_aug"); p.add_argument("--val-split", default="val")
+    p.add_argument("--weights", default=None,
+                   help="local torchvision ResNet ImageNet weights (.pth/.safetensors); none downloaded")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--crop-size", type=int, default=321)
+    p.add_argument("--lr", type=float, default=2.5e-4)
+    p.add_argument("--head-mult", type=float, default=10.0,
+                   help="lr multiplier of the ASPP head (10 with ImageNet weights; 1 is stabler from scratch)")
+    p.add_argument("--train-split", default="train_aug")
+    p.add_argument("--val-split", default="val")
     p.add_argument("--scales", default="common", help="evaluation scales: common | released | single | '0.5 1 1.5'")
-    p.add_argument("--no-flip", dest="flip", action="store_false"); p.add_argument("--crf", default="released", help="released | deeplab | none")
-    p.add_argument("--device", default="auto"); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default: {runs_dir}/deeplab"); p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--crf", default="released", help="released | deeplab | none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="default: {runs_dir}/deeplab")
+    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="CRF worker processes")
     return p
 
 def main(argv: Sequence[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     out = a.out_dir or str(Path(setting("runs_dir")) / "deeplab")
-    res = train_deeplab(a.pseudo_dir, a.dataset or setting("dataset"), a.data_root, a.backbone, a.weights, a.epochs, a.batch_size,
-                        a.crop_size, a.lr, head_mult=a.head_mult, train_split=a.train_split, val_split=a.val_split or None, eval_scales=a.scales,
+    res = train_deeplab(a.pseudo_dir, a.dataset or setting("dataset"), a.data_root, a.backbone, a.weights, a.epochs,
+                        a.batch_size, a.crop_size, a.lr, head_mult=a.head_mult, train_split=a.train_split,
+                        val_split=a.val_split or None, eval_scales=a.scales,
                         flip=a.flip, crf=None if a.crf == "none" else a.crf, device=a.device, seed=a.seed, out_dir=out,
                         num_workers=a.num_workers, processes=a.processes)
     for k, v in res.get("metrics", {}).items(): print(f"{k:>14}: mIoU {v['miou']:.2f}")

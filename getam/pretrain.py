@@ -32,11 +32,14 @@ PRETRAIN_SEED = BENCHMARK_SEED_LIMIT   # pretraining corpora use seeds from here
 
 class SceneCorpus(Dataset):
     """`n` generated scenes of the pretraining seed `seed` (≥ `PRETRAIN_SEED`): normalised `image` [3, S, S] with random
-    horizontal and vertical flips, and its image-level `label` [6]. Never masks or saliency: an ImageNet of the embedded world.
+    horizontal and vertical flips, and its image-level `label` [6].
+    Never masks or saliency: an ImageNet of the embedded world.
     Each index is a new scene, so one epoch of `n = steps × batch` items never shows a scene twice."""
-    def __init__(self, seed: int = PRETRAIN_SEED, n: int = 76_800, size: int = 128, mean=None, std=None, flips: bool = True):
+    def __init__(self, seed: int = PRETRAIN_SEED, n: int = 76_800, size: int = 128, mean=None, std=None,
+                 flips: bool = True):
         if seed < PRETRAIN_SEED:
-            raise ValueError(f"seed={seed}: pretraining seeds start at {PRETRAIN_SEED}; seeds below it are SynthVOC benchmark seeds")
+            raise ValueError(f"seed={seed}: pretraining seeds start at {PRETRAIN_SEED}; "
+                             "seeds below it are SynthVOC benchmark seeds")
         self.seed, self.n, self.size, self.flips, self.norm = seed, n, size, flips, Normalize(mean, std)
     def __len__(self): return self.n
     def __getitem__(self, i: int) -> dict:
@@ -47,7 +50,8 @@ class SceneCorpus(Dataset):
         return dict(image=x, label=torch.from_numpy(s["label"]))
 
 class PatchMaxHead(nn.Module):
-    "A timm ViT returning its [class]-token logits and, from the same head on every patch token, the max over the patches."
+    """A timm ViT returning its [class]-token logits and, from the same head on every patch token,
+    the max over the patches."""
     def __init__(self, vit: nn.Module):
         super().__init__()
         self.vit = vit
@@ -56,8 +60,9 @@ class PatchMaxHead(nn.Module):
         return self.vit.forward_head(feats), self.vit.head(feats[:, self.vit.num_prefix_tokens:]).amax(1)
 
 def pretrain_step(ctx: StepContext, batch: dict, aux_weight: float = 1.0) -> dict:
-    """Multi-label classification from the [class] token plus (`aux_weight`) from the patch tokens, max-pooled: each class
-    must also be readable from the patches that show it. `ctx.net` is a `PatchMaxHead`. One backward, one optimiser step."""
+    """Multi-label classification from the [class] token plus (`aux_weight`) from the patch tokens, max-pooled:
+    each class must also be readable from the patches that show it. `ctx.net` is a `PatchMaxHead`.
+    One backward, one optimiser step."""
     with ctx.autocast: logits, patch_logits = ctx.net(batch["image"])
     losses = dict(cls_loss=F.multilabel_soft_margin_loss(logits.float(), batch["label"]),
                   aux_loss=F.multilabel_soft_margin_loss(patch_logits.float(), batch["label"]))
@@ -72,22 +77,25 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
 
 def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: int = 64) -> float:
-    "Micro F1 of `logit > 0` on the SynthVOC benchmark's val split at `root` (default `synth_root`): a measurement, never training data."
+    """Micro F1 of `logit > 0` on the SynthVOC benchmark's val split at `root` (default `synth_root`):
+    a measurement, never training data."""
     root = ensure_synthvoc(root or setting("synth_root"))
     mean, std = norm_stats(model)
     ds = load_dataset("synth", root, "val", transform=Compose(LongSideResize(size), Normalize(mean, std)))
     items = [ds[i] for i in range(len(ds))]
-    return multilabel_f1(model, torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]), batch_size)
+    return multilabel_f1(model, torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
+                         batch_size)
 
 def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, steps: int = 2400, batch_size: int = 32,
-             lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100, aux_weight: float = 1.0, seed: int = PRETRAIN_SEED,
-             size: int = 128, out_dir: str | Path = "runs/pretrain", resume: bool = False, threads: int | None = None,
-             num_workers: int = 0, init: str | Path | None = None, val_root=None, progress: bool = True, command: str = "",
-             run_dir: str | Path | None = None) -> dict:
+             lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100, aux_weight: float = 1.0,
+             seed: int = PRETRAIN_SEED, size: int = 128, out_dir: str | Path = "runs/pretrain", resume: bool = False,
+             threads: int | None = None, num_workers: int = 0, init: str | Path | None = None, val_root=None,
+             progress: bool = True, command: str = "", run_dir: str | Path | None = None) -> dict:
     """Pretrain `backbone` (timm name; `arch`: width / depth / heads / patch overrides) as a multi-label classifier on
     `steps × batch_size` fresh generated scenes of the pretraining seed `seed` (`init`: continue from a weights file).
-    Writes `out_dir/<name><arch suffix>.safetensors` (timm's state-dict format) and a JSON record beside it; returns the record.
-    The run's checkpoints and log go to `run_dir` (default `{runs_dir}/pretrain/<name>`), so an interrupted run resumes."""
+    Writes `out_dir/<name><arch suffix>.safetensors` (timm's state-dict format) and a JSON record beside it;
+    returns the record. The run's checkpoints and log go to `run_dir` (default `{runs_dir}/pretrain/<name>`),
+    so an interrupted run resumes."""
     if threads: torch.set_num_threads(threads)
     t0 = time.perf_counter()
     arch = dict(arch or {})
@@ -95,19 +103,25 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
     model = create_backbone(backbone, num_classes=NUM_SYNTH, img_size=size, weights=init, **arch)
     mean, std = norm_stats(model)
     data = SceneCorpus(seed, steps * batch_size, size, mean, std)
-    out_dir = Path(out_dir); name = f"{resolve_name(backbone)}{arch_suffix(arch)}"
+    out_dir = Path(out_dir)
+    name = f"{resolve_name(backbone)}{arch_suffix(arch)}"
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr)
-    run = fit(partial(pretrain_step, aux_weight=aux_weight), PatchMaxHead(model), opt, data, epochs=1, batch_size=batch_size,
-              lr_at=partial(warmup_cosine, lr=lr, warmup=warmup / steps), out_dir=Path(run_dir) if run_dir else Path(setting("runs_dir")) / "pretrain" / name, seed=seed,
-              config=dict(backbone=backbone, arch=arch, steps=steps, batch_size=batch_size, lr=lr, seed=seed, aux_weight=aux_weight),
+    run = fit(partial(pretrain_step, aux_weight=aux_weight), PatchMaxHead(model), opt, data, epochs=1,
+              batch_size=batch_size, lr_at=partial(warmup_cosine, lr=lr, warmup=warmup / steps),
+              out_dir=Path(run_dir) if run_dir else Path(setting("runs_dir")) / "pretrain" / name, seed=seed,
+              config=dict(backbone=backbone, arch=arch, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          aux_weight=aux_weight),
               resume=resume, num_workers=num_workers, progress=progress,
               log_fields=("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s"))
     model.eval()
     weights = out_dir / f"{name}.safetensors"
-    with atomic_path(weights) as t: save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(t))
-    record = dict(file=weights.name, backbone=resolve_name(backbone), arch=arch, num_classes=NUM_SYNTH, img_size=size,
-                  mean=list(mean), std=list(std), corpus=dict(generator="getam.synth.synth_sample", split="pretrain", seed=seed,
-                  scenes=steps * batch_size, labels="image-level only"), steps=run["step"], batch_size=batch_size, lr=lr,
+    with atomic_path(weights) as t:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(t))
+    record = dict(file=weights.name, backbone=resolve_name(backbone), arch=arch, num_classes=NUM_SYNTH,
+                  img_size=size, mean=list(mean), std=list(std),
+                  corpus=dict(generator="getam.synth.synth_sample", split="pretrain", seed=seed,
+                              scenes=steps * batch_size, labels="image-level only"),
+                  steps=run["step"], batch_size=batch_size, lr=lr,
                   weight_decay=weight_decay, warmup=warmup, aux_weight=aux_weight, init=str(init) if init else None,
                   threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 1),
                   final_loss=run["log"][-1]["loss"] if run["log"] else None,
@@ -119,18 +133,28 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
 
 # %% ../nbs/68_pretrain.ipynb #424345ea
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m getam.pretrain", description="Pretrain a timm backbone on generated scenes (image-level labels only)")
-    p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm name (or vit | vit_hybrid | deit | deit_distilled)")
-    for a in ("patch_size", "embed_dim", "depth", "num_heads"): p.add_argument("--" + a.replace("_", "-"), type=int, default=None, help="architecture override")
-    p.add_argument("--steps", type=int, default=2400); p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3); p.add_argument("--weight-decay", type=float, default=0.05)
+    p = argparse.ArgumentParser(prog="python -m getam.pretrain",
+                                description="Pretrain a timm backbone on generated scenes (image-level labels only)")
+    p.add_argument("--backbone", default="vit_tiny_patch16_224",
+                   help="timm name (or vit | vit_hybrid | deit | deit_distilled)")
+    for a in ("patch_size", "embed_dim", "depth", "num_heads"):
+        p.add_argument("--" + a.replace("_", "-"), type=int, default=None, help="architecture override")
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
-    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the max-pooled patch-token loss (0: [class] token only)")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the max-pooled patch-token loss (0: [class] token only)")
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED, help=f"corpus seed (at least {PRETRAIN_SEED})")
-    p.add_argument("--size", type=int, default=128); p.add_argument("--init", default=None, help="continue from this weights file")
-    p.add_argument("--out-dir", default="runs/pretrain", help="where the weights and their record go (getam/weights: shipped)")
-    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: {runs_dir}/pretrain/<name>)"); p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=None); p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--init", default=None, help="continue from this weights file")
+    p.add_argument("--out-dir", default="runs/pretrain",
+                   help="where the weights and their record go (getam/weights: shipped)")
+    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: {runs_dir}/pretrain/<name>)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -138,8 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     arch = {k: getattr(a, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(a, k) is not None}
     cmd = "python -m getam.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv)
-    rec = pretrain(a.backbone, arch, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.aux_weight, a.seed, a.size, a.out_dir,
-                   a.resume, a.threads, a.num_workers, a.init, progress=a.progress, command=cmd, run_dir=a.run_dir)
+    rec = pretrain(a.backbone, arch, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.aux_weight, a.seed,
+                   a.size, a.out_dir, a.resume, a.threads, a.num_workers, a.init,
+                   progress=a.progress, command=cmd, run_dir=a.run_dir)
     print(json.dumps(rec, indent=1))
     return rec
 

@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from fastprogress.fastprogress import progress_bar
 
-from .experiments import (BACKBONES, REDUCED_EPOCHS, SEEDS, backbone_run, classifier, coco_run, dataset_root, deeplab_run,
-                               main_run, markdown_table, oracle_run, runs_root, synth_coco_root, trained_run)
+from .experiments import (BACKBONES, REDUCED_EPOCHS, SEEDS, backbone_run, classifier, coco_run, dataset_root,
+                               deeplab_run, main_run, markdown_table, oracle_run, runs_root, synth_coco_root,
+                               trained_run)
 from .utils import run_cli
 
 
@@ -25,11 +26,13 @@ __all__ = ['KINDS', 'NEEDS', 'JOB_FUNCTIONS', 'reproduce_notebooks', 'SharedJob'
 KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
 
 def reproduce_notebooks(nb_dir: str | Path | None = None, only: str | Sequence[str] | None = None) -> list[Path]:
-    "The notebooks `figN_*` / `tableN_*` / `suppN_*.ipynb` of `nb_dir` (default `nbs/reproduce/`) in paper order, keeping `only` (e.g. 'fig2,table1,supp1')."
+    """The notebooks `figN_*` / `tableN_*` / `suppN_*.ipynb` of `nb_dir` (default `nbs/reproduce/`) in paper order,
+    keeping `only` (e.g. 'fig2,table1,supp1')."""
     nb_dir = Path(nb_dir) if nb_dir else Path(__file__).resolve().parents[1] / "nbs" / "reproduce"
     if not nb_dir.is_dir():
-        raise FileNotFoundError(f"{nb_dir}: not found; the reproduce notebooks come with a source checkout of getam (nbs/reproduce/), "
-                                "not with the installed package: run from a clone of the repository, or pass --nb-dir")
+        raise FileNotFoundError(f"{nb_dir}: not found; the reproduce notebooks come with a source checkout of getam "
+                                "(nbs/reproduce/), not with the installed package: run from a clone of the repository, "
+                                "or pass --nb-dir")
     kind = lambda p: p.stem.split("_")[0].rstrip("0123456789")
     nbs = [p for p in nb_dir.glob("*.ipynb") if kind(p) in KINDS]
     key = lambda p: (KINDS.index(kind(p)), int("".join(ch for ch in p.stem.split("_")[0] if ch.isdigit()) or 0), p.stem)
@@ -45,7 +48,8 @@ def reproduce_notebooks(nb_dir: str | Path | None = None, only: str | Sequence[s
 # %% ../nbs/80_reproduce.ipynb #cc97422d
 @dataclasses.dataclass(frozen=True)
 class SharedJob:
-    "A model the notebooks share: `fn(**kw)` (a function of `JOB_FUNCTIONS`) trains or loads it; `cost` ~ single-thread seconds, to start the longest first."
+    """A model the notebooks share: `fn(**kw)` (a function of `JOB_FUNCTIONS`) trains or loads it;
+    `cost` ~ single-thread seconds, to start the longest first."""
     label: str
     fn: str
     kw: dict
@@ -55,11 +59,13 @@ class SharedJob:
 # notebooks' own calls, so a notebook that starts to use another shared model cannot be forgotten here.
 NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6": ("vit",), "fig7": ("vit",),
          "fig8": ("vit",), "fig10": ("vit", "cnn"), "fig11": ("main", "coco"), "table1": ("vit", "vit-seeds", "cnn"),
-         "table2": ("vit", "cnn"), "table3": ("vit", "main"), "table4": ("backbones",), "table5": ("main", "oracle", "deeplab"),
+         "table2": ("vit", "cnn"), "table3": ("vit", "main"), "table4": ("backbones",),
+         "table5": ("main", "oracle", "deeplab"),
          "table6": ("reduced", "coco"), "supp1": ("vit", "main"), "supp2": ("vit", "main"),
          "supp3": ("vit", "vit-scratch", "main", "main-scratch", "oracle", "oracle-scratch")}
 
-def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False, checkpoint: str = "") -> list[SharedJob]:
+def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False,
+                checkpoint: str = "") -> list[SharedJob]:
     "The shared classifiers and end-to-end runs that the notebooks `nbs` need (`NEEDS`), longest first."
     unknown = [p.stem for p in nbs if p.stem.split("_")[0] not in NEEDS]
     if unknown: raise ValueError(f"notebooks {unknown} are not in getam.reproduce.NEEDS; add what they train there")
@@ -71,32 +77,41 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     if "vit-seeds" in need: jobs += [vit(f"ViT classifier, seed {s}", 40, seed=s) for s in SEEDS if s != 0]
     if "vit-scratch" in need: jobs.append(vit("ViT classifier from scratch", 150, pretrained=False))
     if "cnn" in need: jobs.append(SharedJob("CNN classifier", "classifier", dict(kind="cnn", dataset=dataset), 330))
-    # Table 4's ViT row and Table 6's VOC-layout twin are the main run (same preset, weights and budget): one job trains it
+    # Table 4's ViT row and Table 6's VOC-layout twin are the main run (same preset, weights and budget):
+    # one job trains it
     if "deeplab" in need: jobs.append(SharedJob("main run + DeepLab", "deeplab_run", q, 420))
     elif need & {"main", "backbones", "reduced"}: jobs.append(SharedJob("main run", "main_run", q, 340))
     if "oracle" in need: jobs.append(SharedJob("oracle (ground truth)", "oracle_run", q, 200))
-    if "main-scratch" in need: jobs.append(SharedJob("main run from scratch", "main_run", dict(q, pretrained=False), 560))
-    if "oracle-scratch" in need: jobs.append(SharedJob("oracle from scratch", "oracle_run", dict(q, pretrained=False), 400))
-    for f in (["ViT-Hybrid", "DeiT-Distilled"] if "backbones" in need else []):   # DeiT: the ViT's network and weights (Table 4 says why)
-        jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]), 420 if f == "ViT-Hybrid" else 330))
+    if "main-scratch" in need:
+        jobs.append(SharedJob("main run from scratch", "main_run", dict(q, pretrained=False), 560))
+    if "oracle-scratch" in need:
+        jobs.append(SharedJob("oracle from scratch", "oracle_run", dict(q, pretrained=False), 400))
+    # DeiT: the ViT's network and weights (Table 4 says why)
+    for f in (["ViT-Hybrid", "DeiT-Distilled"] if "backbones" in need else []):
+        jobs.append(SharedJob(f"{f} {e}", "backbone_run", dict(q, backbone=BACKBONES[f]),
+                              420 if f == "ViT-Hybrid" else 330))
     if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 330))
     return sorted(jobs, key=lambda j: -j.cost)
 
+# what a SharedJob may call
 JOB_FUNCTIONS = {"classifier": classifier, "trained_run": trained_run, "main_run": main_run, "deeplab_run": deeplab_run,
-                 "oracle_run": oracle_run, "backbone_run": backbone_run, "coco_run": coco_run}   # what a SharedJob may call
+                 "oracle_run": oracle_run, "backbone_run": backbone_run, "coco_run": coco_run}
 
 def _run_job(fn: str, kw: dict, threads: int) -> float:
-    "Body of one `train_shared` job (also in a child process): `fn(**kw)` with `threads` torch threads, no progress bars; returns seconds."
+    """Body of one `train_shared` job (also in a child process): `fn(**kw)` with `threads` torch threads,
+    no progress bars; returns seconds."""
     torch.set_num_threads(threads)
     t0 = time.time()
     JOB_FUNCTIONS[fn](**kw, progress=False)
     return time.time() - t0
 
 def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, progress: bool = True) -> list[dict]:
-    """Run `jobs` in `workers` spawned processes of `threads` torch threads each, in the given order (`workers=1`: here, one after the
-    other). A failing job is reported, not fatal. One summary row per job (notebook, status, seconds, outputs, error)."""
+    """Run `jobs` in `workers` spawned processes of `threads` torch threads each, in the given order
+    (`workers=1`: here, one after the other). A failing job is reported, not fatal.
+    One summary row per job (notebook, status, seconds, outputs, error)."""
     rows, t0 = [None] * len(jobs), time.time()
-    row = lambda j, status, s, err="": dict(notebook=f"(train) {j.label}", status=status, seconds=round(s, 1), outputs="", error=err)
+    row = lambda j, status, s, err="": dict(notebook=f"(train) {j.label}", status=status, seconds=round(s, 1),
+                                            outputs="", error=err)
     fail = lambda e: f"{type(e).__name__}: {e}"[:200]
     if workers <= 1:
         n = torch.get_num_threads()
@@ -109,7 +124,8 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
         return rows
     ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))   # spawn: no forked torch thread pools
     try:
-        futs = {ex.submit(_run_job, j.fn, j.kw, threads): i for i, j in enumerate(jobs)}  # workers take them in this order
+        # workers take them in this order
+        futs = {ex.submit(_run_job, j.fn, j.kw, threads): i for i, j in enumerate(jobs)}
         for f in (progress_bar(as_completed(futs), total=len(futs)) if progress and futs else as_completed(futs)):
             i = futs[f]
             try: rows[i] = row(jobs[i], "ok", f.result())
@@ -122,32 +138,38 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
 def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = None, out: str | Path = "figures",
                   checkpoint: str = "", nb_dir=None, runs_dir=None, kernel: str = "python3", progress: bool = True,
                   pretrain: bool = True, threads: int = 2, workers: int = 2, params: dict | None = None):
-    """Train the shared models (`pretrain`: in `workers` processes, `threads // workers` threads each), then run the reproduce notebooks through
-    papermill with `threads` threads (`params`: extra parameters for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."""
+    """Train the shared models (`pretrain`: in `workers` processes, `threads // workers` threads each),
+    then run the reproduce notebooks through papermill with `threads` threads (`params`: extra parameters
+    for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."""
     import pandas as pd, papermill as pm
     nbs = reproduce_notebooks(nb_dir, only)
     out, runs = Path(out).resolve(), runs_root(runs_dir).resolve()
-    runs.mkdir(parents=True, exist_ok=True); out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
-    if runs_dir: env["GETAM_RUNS_DIR"] = str(Path(runs_dir).resolve())   # training processes and kernels find the same shared models
+    # training processes and kernels find the same shared models
+    if runs_dir: env["GETAM_RUNS_DIR"] = str(Path(runs_dir).resolve())
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         if pretrain and (jobs := shared_jobs(nbs, dataset, bool((params or {}).get("quick")), checkpoint)):
-            dataset_root(dataset)                                          # generate the data once, before the processes start
+            # generate the data once, before the processes start
+            dataset_root(dataset)
             if dataset == "synth" and any(j.fn == "coco_run" for j in jobs): synth_coco_root()
             rows += train_shared(jobs, workers, max(1, threads // max(1, workers)), progress)
         for nb in (progress_bar(nbs) if progress else nbs):
             t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
             status, err = "ok", ""
             try:
-                pm.execute_notebook(str(nb), str(runs / nb.name), parameters=dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out), **(params or {})),
+                parameters = dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out), **(params or {}))
+                pm.execute_notebook(str(nb), str(runs / nb.name), parameters=parameters,
                                     kernel_name=kernel, cwd=str(nb.parent), progress_bar=False, log_output=False)
             except Exception as e:
                 status, err = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
             made = sorted(p.name for p in out.glob(f"{nb.stem.split('_')[0]}_*") if before.get(p) != p.stat().st_mtime)
-            rows.append(dict(notebook=nb.name, status=status, seconds=round(time.time() - t0, 1), outputs=" ".join(made), error=err))
+            rows.append(dict(notebook=nb.name, status=status, seconds=round(time.time() - t0, 1),
+                             outputs=" ".join(made), error=err))
     finally:
         for k, v in old.items():
             if v is None: os.environ.pop(k, None)
@@ -156,15 +178,23 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
 
 # %% ../nbs/80_reproduce.ipynb #4db010fb
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m getam.reproduce", description="Regenerate the paper's figures and tables (papermill over nbs/reproduce/).")
+    p = argparse.ArgumentParser(
+        prog="python -m getam.reproduce",
+        description="Regenerate the paper's figures and tables (papermill over nbs/reproduce/).")
     p.add_argument("--dataset", default="synth", help="synth (default) | voc | coco: which data set the notebooks use")
     p.add_argument("--only", default=None, help="comma-separated subset, e.g. fig2,table1 (default: all)")
-    p.add_argument("--out", default=None, help="folder for figN_*.png and tableN_*.md/.csv (default: figures; with --quick {runs_dir}/reproduce/quick)")
-    p.add_argument("--checkpoint", default="", help="a ViT classifier safetensors file (default: the shared one, trained on first use)")
+    p.add_argument("--out", default=None,
+                   help="folder for figN_*.png and tableN_*.md/.csv "
+                        "(default: figures; with --quick {runs_dir}/reproduce/quick)")
+    p.add_argument("--checkpoint", default="",
+                   help="a ViT classifier safetensors file (default: the shared one, trained on first use)")
     p.add_argument("--nb-dir", default=None, help="folder of the reproduce notebooks (default: nbs/reproduce/)")
-    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads per notebook (default 2), shared by the training processes")
-    p.add_argument("--workers", type=int, default=2, help="processes that train the shared models before the notebooks run (default 2: one thread each)")
-    p.add_argument("--quick", action="store_true", help="smoke test: the end-to-end notebooks train with QUICK's tiny budget (not the paper's numbers)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch/OpenMP threads per notebook (default 2), shared by the training processes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes that train the shared models before the notebooks run (default 2: one thread each)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: the end-to-end notebooks train with QUICK's tiny budget (not the paper's numbers)")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
     a = p.parse_args(argv)
     out = a.out or (runs_root() / "quick" if a.quick else "figures")
@@ -172,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nb in reproduce_notebooks(a.nb_dir, a.only): print(nb.name)
         return 0
     t0 = time.time()
-    df = run_reproduce(a.dataset, a.only, out, a.checkpoint, a.nb_dir, threads=a.threads, workers=a.workers, params=dict(quick=True) if a.quick else None)
+    df = run_reproduce(a.dataset, a.only, out, a.checkpoint, a.nb_dir, threads=a.threads, workers=a.workers,
+                       params=dict(quick=True) if a.quick else None)
     print(markdown_table(df))
     print(f"total {time.time() - t0:.0f} s; executed notebooks in {runs_root()}; outputs in {Path(out).resolve()}")
     return int((df.status != "ok").any())
