@@ -38,7 +38,8 @@ ALIASES = {
 }
 VIT_MODULES = ["vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit", "vision_transformer_relpos"]
 DYNAMIC_SIZE_MODULES = ["vision_transformer", "vision_transformer_hybrid", "deit", "eva"]   # accept dynamic_img_size
-VIT_CLASSES = (VisionTransformer, Eva, Beit, VisionTransformerRelPos)   # VisionTransformerDistilled is a VisionTransformer
+# VisionTransformerDistilled is a VisionTransformer
+VIT_CLASSES = (VisionTransformer, Eva, Beit, VisionTransformerRelPos)
 CNN_MODULES = ["resnet", "resnetv2"]
 
 def resolve_name(name: str) -> str:
@@ -55,35 +56,44 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; expected a .safetensors or torch state-dict file "
-                                f"(pass weights=PATH, or put <timm name>.safetensors into the folder of the settings.ini key weights_dir)")
+                                f"(pass weights=PATH, or put <timm name>.safetensors into the folder "
+                                f"of the settings.ini key weights_dir)")
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]; break
-    if not isinstance(sd, dict): raise ValueError(f"{path}: expected a state dict (name → tensor), got {type(sd).__name__}")
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (name → tensor), got {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 # %% ../nbs/20_backbones.ipynb #04eb8309
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" if "__file__" in globals() else Path("../getam/weights").resolve()
-ARCH_KEYS = {"patch_size": "p", "embed_dim": "w", "depth": "d", "num_heads": "h"}   # architecture overrides, in weight-file names
+SHIPPED_WEIGHTS = (Path(__file__).resolve().parent / "weights" if "__file__" in globals()
+                   else Path("../getam/weights").resolve())
+# architecture overrides, in weight-file names
+ARCH_KEYS = {"patch_size": "p", "embed_dim": "w", "depth": "d", "num_heads": "h"}
 
 def arch_suffix(arch: dict | None) -> str:
-    "The file-name suffix of architecture overrides: `dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)` → `-p16-w64-d6-h2`."
+    """The file-name suffix of architecture overrides: `dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)` →
+    `-p16-w64-d6-h2`."""
     return "".join(f"-{k}{arch[a]}" for a, k in ARCH_KEYS.items() if arch and arch.get(a) is not None)
 
 def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> list[Path]:
     """Where `create_backbone` looks for local weights of `name` (with `arch` overrides, e.g. the embedded world's small
-    ViTs): `<weights_dir>/<timm name or alias><arch_suffix>.{safetensors,pth}` first, then the weights shipped with getam
-    (`getam/weights/`, pretrained on generated scenes by `getam.pretrain`)."""
+    ViTs): `<weights_dir>/<timm name or alias><arch_suffix>.{safetensors,pth}` first, then the weights shipped with
+    getam (`getam/weights/`, pretrained on generated scenes by `getam.pretrain`)."""
     if weights_dir is None:
         weights_dir = setting("weights_dir")
     suffixes = dict.fromkeys([arch_suffix(arch), ""])
     names = [f"{n}{s}" for s in suffixes for n in dict.fromkeys([resolve_name(name), name])]
-    return [Path(d) / f"{n}{ext}" for d in (weights_dir, SHIPPED_WEIGHTS) for n in names for ext in (".safetensors", ".pth")]
+    return [Path(d) / f"{n}{ext}" for d in (weights_dir, SHIPPED_WEIGHTS) for n in names
+            for ext in (".safetensors", ".pth")]
 
 def find_weights(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> Path | None:
-    "The first of `weights_candidates` that exists: the local weights `create_backbone(name, pretrained=True, **arch)` would load, or None."
+    """The first of `weights_candidates` that exists: the local weights `create_backbone(name, pretrained=True, **arch)`
+    would load, or None."""
     return next((p for p in weights_candidates(name, weights_dir, arch) if p.is_file()), None)
 
 # %% ../nbs/20_backbones.ipynb #257d8652
@@ -117,17 +127,22 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
     sd = load_weights_file(weights)
     overlay = dict(state_dict=sd)
     if _head_classes(sd) == num_classes: overlay["num_classes"] = num_classes  # keep a matching head
-    try: model = timm.create_model(tname, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        model = timm.create_model(tname, pretrained=True, num_classes=num_classes,
+                                  pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e: raise ValueError(f"weights file {weights} does not fit {tname}: {e}") from e
     return _check_fit(model, sd, weights, tname)
 
 def _check_fit(model: nn.Module, sd: dict, weights, tname: str) -> nn.Module:
-    "`model`, unless most of its tensors found no weights in `sd`: timm loads non-strictly, so a foreign file would pass unnoticed."
+    """`model`, unless most of its tensors found no weights in `sd`: timm loads non-strictly, so a foreign file would
+    pass unnoticed."""
     own = [k for k in model.state_dict() if not k.startswith(("head.", "fc.", "head_dist."))]
     missing = [k for k in own if k not in sd]
     if len(missing) > len(own) // 2:
-        raise ValueError(f"weights file {weights} does not fit {tname}: {len(missing)} of its {len(own)} tensors have no weights there "
-                         f"(e.g. {missing[:3]}; the file has {list(sd)[:3]}); expected a timm state dict of {tname} with the same width, depth and patch size")
+        raise ValueError(f"weights file {weights} does not fit {tname}: "
+                         f"{len(missing)} of its {len(own)} tensors have no weights there "
+                         f"(e.g. {missing[:3]}; the file has {list(sd)[:3]}); "
+                         f"expected a timm state dict of {tname} with the same width, depth and patch size")
     return model
 
 # %% ../nbs/20_backbones.ipynb #37a38928
@@ -135,7 +150,8 @@ TINY_KINDS = ("vit", "deit", "deit_distilled", "vit_hybrid", "vit_reg", "clip", 
 
 def tiny_backbone(kind: str = "vit", num_classes: int = 4, img_size: int = 32, patch_size: int = 8,
                   embed_dim: int = 32, depth: int = 3, num_heads: int = 2, **kwargs) -> nn.Module:
-    "A small random timm model of family `kind` (`TINY_KINDS`); any input size except `beit` and `relpos` (`img_size` only)."
+    """A small random timm model of family `kind` (`TINY_KINDS`); any input size except `beit` and `relpos`
+    (`img_size` only)."""
     fixed = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                  num_classes=num_classes)
     args = dict(fixed, dynamic_img_size=True, **kwargs)
@@ -145,9 +161,12 @@ def tiny_backbone(kind: str = "vit", num_classes: int = 4, img_size: int = 32, p
     if kind == "deit3": return VisionTransformer(**dict(dict(init_values=1e-1, no_embed_class=True), **args))
     if kind == "eva":
         grid = (img_size // patch_size, img_size // patch_size)
-        return Eva(**dict(dict(global_pool="token", use_rot_pos_emb=True, ref_feat_shape=grid, swiglu_mlp=True), **args))
-    if kind == "beit": return Beit(**dict(dict(fixed, global_pool="token", use_rel_pos_bias=True, use_abs_pos_emb=False), **kwargs))
-    if kind == "relpos": return VisionTransformerRelPos(**dict(dict(fixed, class_token=True, global_pool="token"), **kwargs))
+        return Eva(**dict(dict(global_pool="token", use_rot_pos_emb=True, ref_feat_shape=grid, swiglu_mlp=True),
+                          **args))
+    if kind == "beit":
+        return Beit(**dict(dict(fixed, global_pool="token", use_rel_pos_bias=True, use_abs_pos_emb=False), **kwargs))
+    if kind == "relpos":
+        return VisionTransformerRelPos(**dict(dict(fixed, class_token=True, global_pool="token"), **kwargs))
     if kind == "deit_distilled": return VisionTransformerDistilled(**args)
     if kind == "vit_hybrid":  # ResNetV2 stem (stride 4) + one stage of stride 2 → features at 1/8, patch size 1
         cnn = ResNetV2(layers=(1, 1), channels=(16, 32), num_classes=0, global_pool="", stem_chs=8, preact=False,
@@ -163,7 +182,8 @@ def vit_of(model: nn.Module) -> nn.Module:
               getattr(model, "module", None)):
         if isinstance(m, VIT_CLASSES): return m
     names = ", ".join(c.__name__ for c in VIT_CLASSES)
-    raise TypeError(f"expected a timm VisionTransformer ({names}) or a model with one as .backbone; got {type(model).__name__}")
+    raise TypeError(f"expected a timm VisionTransformer ({names}) or a model with one as .backbone; "
+                    f"got {type(model).__name__}")
 
 def is_hybrid(model: nn.Module) -> bool:
     "Whether the transformer embeds tokens with a CNN (`HybridEmbed`, as ViT-Hybrid)."
@@ -181,12 +201,14 @@ def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) 
     if isinstance(layers, int): layers = [layers]
     out = sorted({i + n if i < 0 else i for i in layers})
     if not out or out[0] < 0 or out[-1] >= n:
-        raise ValueError(f"layers={list(layers)} out of range; expected indices of the {n} blocks (0..{n-1}, or negative)")
+        raise ValueError(f"layers={list(layers)} out of range; "
+                         f"expected indices of the {n} blocks (0..{n-1}, or negative)")
     return out
 
 # %% ../nbs/20_backbones.ipynb #655ed66d
 def check_class_token_readout(model: nn.Module, method: str = "GETAM") -> None:
-    "Raise a `ValueError` unless `model`'s classifier reads its [class] token, the row 0 of attention that `method` uses."
+    """Raise a `ValueError` unless `model`'s classifier reads its [class] token, the row 0 of attention that `method`
+    uses."""
     vit = vit_of(model)
     pool, has_cls = getattr(vit, "global_pool", "token"), getattr(vit, "cls_token", None) is not None
     if has_cls and pool == "token": return
@@ -194,8 +216,9 @@ def check_class_token_readout(model: nn.Module, method: str = "GETAM") -> None:
     else: row0 = "a register token" if vit.num_prefix_tokens else "the first patch token"
     raise ValueError(
         f"{method} needs a classifier that reads the [class] token; {type(vit).__name__} has global_pool={pool!r} and "
-        f"{'a' if has_cls else 'no'} [class] token, so row 0 of its attention is {row0} and the maps would be meaningless. "
-        f"Use a model built with class_token=True, global_pool='token' (e.g. timm's *_cls_*, *_clip_*, dinov2, deit3 models), "
+        f"{'a' if has_cls else 'no'} [class] token, so row 0 of its attention is {row0} and the maps would be "
+        f"meaningless. Use a model built with class_token=True, global_pool='token' "
+        f"(e.g. timm's *_cls_*, *_clip_*, dinov2, deit3 models), "
         f"or a token-feature method (grad_cam, cam_ignore) for this one")
 
 # %% ../nbs/20_backbones.ipynb #252b49cb

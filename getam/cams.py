@@ -21,43 +21,53 @@ __all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'target_labels', 'rank_vjps'
 
 # %% ../nbs/21_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
-    "Classification logits [B, C] from a model output: a tensor, or DeiT-distilled's `(head, head_dist)` pair (averaged, as timm does at inference)."
+    """Classification logits [B, C] from a model output: a tensor, or DeiT-distilled's `(head, head_dist)` pair
+    (averaged, as timm does at inference)."""
     if isinstance(out, (tuple, list)):
-        if len(out) == 2 and all(torch.is_tensor(o) and o.shape == out[0].shape for o in out): return (out[0] + out[1]) / 2
-        raise TypeError(f"expected logits [B, C] or a (head, head_dist) pair from the model; got a {type(out).__name__} of {len(out)}")
-    if not torch.is_tensor(out) or out.ndim != 2: raise TypeError(f"expected logits [B, C] from the model; got {getattr(out, 'shape', type(out))}")
+        if len(out) == 2 and all(torch.is_tensor(o) and o.shape == out[0].shape for o in out):
+            return (out[0] + out[1]) / 2
+        raise TypeError(f"expected logits [B, C] or a (head, head_dist) pair from the model; "
+                        f"got a {type(out).__name__} of {len(out)}")
+    if not torch.is_tensor(out) or out.ndim != 2:
+        raise TypeError(f"expected logits [B, C] from the model; got {getattr(out, 'shape', type(out))}")
     return out
 
 def present_ranks(labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    "For k = 0 .. max_b K_b - 1: (rows, classes) of the k-th present class (ascending index) of every image that has one."
+    """For k = 0 .. max_b K_b - 1: (rows, classes) of the k-th present class (ascending index) of every image that
+    has one."""
     pos = labels > 0
     rank = pos.long().cumsum(1) - 1
     return [torch.nonzero(pos & (rank == k), as_tuple=True) for k in range(int(pos.sum(1).max()) if pos.numel() else 0)]
 
 # %% ../nbs/21_cams.ipynb #97a28fec
 def target_labels(labels, logits: torch.Tensor, top_k: int = 1) -> torch.Tensor:
-    "Multi-hot float [B, C] on `logits`' device from multi-hot, class indices (int, [B], [B, k] with -1 pads, lists per image) or `None` (top-k logits)."
+    """Multi-hot float [B, C] on `logits`' device from multi-hot, class indices (int, [B], [B, k] with -1 pads, lists
+    per image) or `None` (top-k logits)."""
     (B, C), dev = logits.shape, logits.device
     out = torch.zeros(B, C, device=dev)
     if labels is None:
         return out.scatter_(1, logits.detach().topk(min(top_k, C), dim=1).indices, 1.)
     if isinstance(labels, (list, tuple)) and not all(isinstance(c, int) for c in labels):
-        if len(labels) != B: raise ValueError(f"{len(labels)} lists of class indices for a batch of {B} images; expected one per image")
+        if len(labels) != B:
+            raise ValueError(f"{len(labels)} lists of class indices for a batch of {B} images; expected one per image")
         labels = [[c] if isinstance(c, int) else list(c) for c in labels]
         width = max(1, max(map(len, labels)))
         labels = [cs + [-1] * (width - len(cs)) for cs in labels]
     if isinstance(labels, int): labels = [labels] * B
     labels = torch.as_tensor(labels, device=dev)
     if labels.is_floating_point() or labels.dtype == torch.bool:
-        if labels.shape != (B, C): raise ValueError(f"labels {tuple(labels.shape)} do not match logits {(B, C)}; expected multi-hot [B, C]")
+        if labels.shape != (B, C):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match logits {(B, C)}; expected multi-hot [B, C]")
         return labels.float()
     if labels.ndim == 1: labels = labels[:, None]
     if labels.ndim != 2 or len(labels) != B:
-        raise ValueError(f"class indices of shape {tuple(labels.shape)} for a batch of {B}; expected [B] or [B, k] (-1 pads)")
+        raise ValueError(f"class indices of shape {tuple(labels.shape)} for a batch of {B}; "
+                         "expected [B] or [B, k] (-1 pads)")
     if labels.shape == (B, C):
         raise ValueError(f"integer labels of shape [B, C] = {(B, C)} are ambiguous (class indices or multi-hot?); "
                          f"pass multi-hot as float or bool, or class indices as [B, k] with k != C or as lists")
-    if (labels >= C).any() or (labels < -1).any(): raise ValueError(f"class indices {labels.tolist()} out of range 0..{C - 1} (-1 pads)")
+    if (labels >= C).any() or (labels < -1).any():
+        raise ValueError(f"class indices {labels.tolist()} out of range 0..{C - 1} (-1 pads)")
     return out.scatter_add_(1, labels.clamp_min(0), (labels >= 0).float()).clamp_(max=1)
 
 # %% ../nbs/21_cams.ipynb #09adacb9
@@ -65,22 +75,29 @@ def rank_vjps(logits: torch.Tensor, inputs: Sequence[torch.Tensor], labels: torc
               retain_graph: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     "Yield `(rows, classes, grads)` per rank k: `grads[j]` = ∂ Σ_b y_b^{c_k(b)} / ∂ inputs[j] (zeros where unused)."
     logits = logits_of(logits)
-    if logits.shape != labels.shape: raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}; expected multi-hot [B, C]")
+    if logits.shape != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}; "
+                         "expected multi-hot [B, C]")
     if not all(t.requires_grad for t in inputs):
-        raise RuntimeError("the recorded tensors are not in the autograd graph: run the forward with grad enabled, inside record_attention")
+        raise RuntimeError("the recorded tensors are not in the autograd graph: "
+                           "run the forward with grad enabled, inside record_attention")
     ranks = present_ranks(labels.to(logits.device))
     for k, (rows, cls) in enumerate(ranks):
-        cot = torch.zeros_like(logits); cot[rows, cls] = 1
-        grads = torch.autograd.grad(logits, list(inputs), cot, retain_graph=retain_graph or k < len(ranks) - 1, allow_unused=True)
+        cot = torch.zeros_like(logits)
+        cot[rows, cls] = 1
+        grads = torch.autograd.grad(logits, list(inputs), cot, retain_graph=retain_graph or k < len(ranks) - 1,
+                                    allow_unused=True)
         yield rows, cls, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 # %% ../nbs/21_cams.ipynb #72badda4
 def class_row(t: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
-    "The [class] row of an attention-shaped `t` [B, heads, N, N] over the patch columns, mean over heads → [B, N - p] (float32): A_CLS, ∇A_CLS."
+    """The [class] row of an attention-shaped `t` [B, heads, N, N] over the patch columns, mean over heads → [B, N - p]
+    (float32): A_CLS, ∇A_CLS."""
     return t.detach()[:, :, 0, num_prefix_tokens:].float().mean(1)
 
 def coupling(attn: torch.Tensor, grad: torch.Tensor, num_prefix_tokens: int = 1, squared: bool = True) -> torch.Tensor:
-    "Eq. 2 on the [class] row: `attn, grad` [B, heads, N, N] (or only their first rows [B, heads, 1, N]) → [B, N - p] (float32)."
+    """Eq. 2 on the [class] row: `attn, grad` [B, heads, N, N] (or only their first rows [B, heads, 1, N]) →
+    [B, N - p] (float32)."""
     a, g = attn[:, :, 0, num_prefix_tokens:].float(), grad[:, :, 0, num_prefix_tokens:].float()
     m = F.relu(g * a).mean(1)
     return m * F.relu(g).mean(1) if squared else m
@@ -103,7 +120,8 @@ def normalize_maps(maps: torch.Tensor, eps: float = 0.0, dim: int | tuple[int, .
 def fuse_layers(per_layer: Sequence[torch.Tensor], fusion: str = "sum") -> torch.Tensor:
     "Combine per-block maps `[..., n]` by `'sum'` (Eq. 3) or `'product'` (element-wise, each block max-normalised)."
     _check_fusion(fusion)
-    if fusion == "matmul": raise ValueError("fusion='matmul' needs the full attention matrices: use maps_from_attention / getam")
+    if fusion == "matmul":
+        raise ValueError("fusion='matmul' needs the full attention matrices: use maps_from_attention / getam")
     if fusion == "sum": return torch.stack(list(per_layer)).sum(0)
     out = normalize_maps(per_layer[0], dim=-1)
     for m in per_layer[1:]: out = out * normalize_maps(m, dim=-1)
@@ -125,34 +143,40 @@ def rollout(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], num_pre
 def _check_grid(attn: Sequence[torch.Tensor], grid, p: int):
     h, w = grid
     if attn[0].shape[-1] != p + h * w:
-        raise ValueError(f"attention has N={attn[0].shape[-1]} tokens; expected {p} prefix + {h}×{w} patches (grid {tuple(grid)})")
+        raise ValueError(f"attention has N={attn[0].shape[-1]} tokens; "
+                         f"expected {p} prefix + {h}×{w} patches (grid {tuple(grid)})")
 
 def block_couplings(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor,
                     num_prefix_tokens: int = 1, squared: bool = True) -> list[torch.Tensor]:
     "Eq. 2 in every recorded block for the images `rows` of one rank: a list of `[len(rows), n]` maps (float32)."
     return [coupling(a[:, :, :1][rows], g[:, :, :1][rows], num_prefix_tokens, squared) for a, g in zip(attn, grads)]
 
-def fuse_rank(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor, num_prefix_tokens: int = 1,
-              fusion: str = "sum", per_block: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+def fuse_rank(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor,
+              num_prefix_tokens: int = 1, fusion: str = "sum",
+              per_block: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     "The fused map `[len(rows), n]` of one rank: rollout for `'matmul'`, else `fuse_layers` of the blocks' Eq. 2 maps."
     if fusion == "matmul": return rollout([a[rows] for a in attn], [g[rows] for g in grads], num_prefix_tokens)
-    return fuse_layers(per_block if per_block is not None else block_couplings(attn, grads, rows, num_prefix_tokens), fusion)
+    return fuse_layers(per_block if per_block is not None else block_couplings(attn, grads, rows, num_prefix_tokens),
+                       fusion)
 
 def maps_from_attention(logits: torch.Tensor, attn: Sequence[torch.Tensor], labels: torch.Tensor, grid: tuple[int, int],
                         num_prefix_tokens: int = 1, fusion: str = "sum", retain_graph: bool = False) -> torch.Tensor:
     "GETAM maps [B, C, h, w] (float32) from the logits [B, C] and recorded attention of one forward; max_b K_b VJPs."
-    _check_fusion(fusion); _check_grid(attn, grid, num_prefix_tokens)
+    _check_fusion(fusion)
+    _check_grid(attn, grid, num_prefix_tokens)
     (h, w), p, (B, C) = grid, num_prefix_tokens, labels.shape
     maps = torch.zeros(B, C, h * w, device=attn[0].device, dtype=torch.float32)
     for rows, cls, grads in rank_vjps(logits, attn, labels, retain_graph):
-        rows = rows.to(maps.device); cls = cls.to(maps.device)
+        rows = rows.to(maps.device)
+        cls = cls.to(maps.device)
         with torch.no_grad(): maps[rows, cls] = fuse_rank(attn, grads, rows, p, fusion)  # targets, never differentiated
     return maps.view(B, C, h, w)
 
 # %% ../nbs/21_cams.ipynb #328c62e7
 def getam(model: nn.Module, images: torch.Tensor, labels=None, layers: Iterable[int] | int | None = None,
           fusion: str = "sum", top_k: int = 1) -> torch.Tensor:
-    "GETAM (Eq. 2–3) of `labels`' classes (`target_labels`: multi-hot [B, C], indices, or None → top-k): `images` [B, 3, H, W] → maps [B, C, h, w] on `images`' device."
+    """GETAM (Eq. 2–3) of `labels`' classes (`target_labels`: multi-hot [B, C], indices, or None → top-k):
+    `images` [B, 3, H, W] → maps [B, C, h, w] on `images`' device."""
     check_class_token_readout(model, "GETAM")
     with record_attention(model, layers) as rec, torch.enable_grad():
         logits = logits_of(model(images))
@@ -200,7 +224,8 @@ def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
 
 # %% ../nbs/21_cams.ipynb #4989bf36
 def token_classifier(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    "The ViT's classifier applied to token features [B, n, D] → [B, n, C] (`fc_norm`, then `head`, or the mean of DeiT's two heads)."
+    """The ViT's classifier applied to token features [B, n, D] → [B, n, C] (`fc_norm`, then `head`, or the mean of
+    DeiT's two heads)."""
     vit = vit_of(model)
     def clf(t):
         t = vit.fc_norm(t)
@@ -222,7 +247,8 @@ def _features(model: nn.Module, images: torch.Tensor, layers=None):
 @torch.no_grad()
 def _token_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: Callable | None, relu: bool,
                add_class: bool) -> torch.Tensor:
-    "The classifier on every patch token of the final features (plus the [class] token O_CLS if `add_class`) → [B, C, h, w]."
+    """The classifier on every patch token of the final features (plus the [class] token O_CLS if `add_class`) →
+    [B, C, h, w]."""
     feats, rec, vit = _features(model, images)
     tokens = feats[:, rec.num_prefix_tokens:] + (feats[:, :1] if add_class else 0)
     return _tokens_to_maps((classifier or token_classifier(vit))(tokens), labels, rec.grid, relu)
@@ -239,15 +265,18 @@ def cam_add(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classi
 
 # %% ../nbs/21_cams.ipynb #f0a361cd
 def grad_cam(model: nn.Module, images: torch.Tensor, labels=None, relu: bool = True, top_k: int = 1) -> torch.Tensor:
-    "Grad-CAM on the token features entering the last block (GAP of gradients as channel weights) → [B, C, h, w]; `labels` as `target_labels`."
+    """Grad-CAM on the token features entering the last block (GAP of gradients as channel weights) → [B, C, h, w];
+    `labels` as `target_labels`."""
     vit, out = vit_of(model), {}
     hook = vit.blocks[-1].register_forward_pre_hook(lambda m, a: out.__setitem__("x", a[0]))
     try:
-        with record_attention(model, -1) as rec, torch.enable_grad():   # records the grid; the last block's attention is cheap
+        # records the grid; the last block's attention is cheap
+        with record_attention(model, -1) as rec, torch.enable_grad():
             logits = logits_of(model(images))
             labels = target_labels(labels, logits, top_k)
             feats = out["x"]
-            if not feats.requires_grad: raise RuntimeError("grad_cam: the last block's output does not require grad; unfreeze the model")
+            if not feats.requires_grad:
+                raise RuntimeError("grad_cam: the last block's output does not require grad; unfreeze the model")
             p = rec.num_prefix_tokens
             scores = torch.zeros(*labels.shape, feats.shape[1] - p, device=feats.device)
             for rows, cls, (g,) in rank_vjps(logits, [feats], labels):
@@ -259,7 +288,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, labels=None, relu: bool = T
 
 def att_gradients(model: nn.Module, images: torch.Tensor, labels=None,
                   layers: Iterable[int] | int | None = None, top_k: int = 1) -> torch.Tensor:
-    "Att-Gradients of Table 1: Σ_i mean_heads(ReLU(∇A ⊙ A)) on the [class] row → [B, C, h, w]; `labels` as `target_labels`."
+    """Att-Gradients of Table 1: Σ_i mean_heads(ReLU(∇A ⊙ A)) on the [class] row → [B, C, h, w]; `labels` as
+    `target_labels`."""
     check_class_token_readout(model, "Att-Gradients")
     with record_attention(model, layers) as rec, torch.enable_grad():
         logits, attn, p = logits_of(model(images)), rec.attn, rec.num_prefix_tokens
@@ -285,7 +315,9 @@ def ts_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers:
 def cnn_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, relu: bool = True) -> torch.Tensor:
     "Classic CAM on a timm CNN with GAP + linear classifier: θ_c^T f(x, y) on the last feature map → [B, C, h, w]."
     fc = model.get_classifier()
-    if not isinstance(fc, nn.Linear): raise TypeError(f"cnn_cam expects a timm CNN whose classifier is nn.Linear (e.g. resnet50); got {type(fc).__name__}")
+    if not isinstance(fc, nn.Linear):
+        raise TypeError(f"cnn_cam expects a timm CNN whose classifier is nn.Linear (e.g. resnet50); "
+                        f"got {type(fc).__name__}")
     f = model.forward_features(images).float()                                        # [B, D, h, w]
     cam = torch.einsum("cd,bdhw->bchw", fc.weight.float(), f)
     cam = F.relu(cam) if relu else cam
@@ -313,11 +345,13 @@ def _floor(model, images, labels, layers=None):
     with record_attention(model, layers) as rec:
         logits = model(images)
         for k, (rows, cls) in enumerate(ranks):
-            cot = torch.zeros_like(logits); cot[rows, cls] = 1
+            cot = torch.zeros_like(logits)
+            cot[rows, cls] = 1
             torch.autograd.grad(logits, rec.attn, cot, retain_graph=k < len(ranks) - 1)
 
 def benchmark(repeats: int = 5, name: str = "vit_small_patch16_224", size: int = 224,
-              ks: Sequence[int] = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0, **model_kw) -> dict[str, float]:
+              ks: Sequence[int] = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0,
+              **model_kw) -> dict[str, float]:
     "Time the released per-(image, class) recipe, `getam` and the VJP floor side by side; print a table and the ratios."
     torch.manual_seed(seed)
     model = create_backbone(name, num_classes=num_classes, img_size=size, **model_kw).eval()
@@ -328,11 +362,13 @@ def benchmark(repeats: int = 5, name: str = "vit_small_patch16_224", size: int =
     err = ((ref - ours).norm() / ref.norm()).item()
     print(f"{name} at {size}px, batch {len(ks)}, K per image {list(ks)} (sum {sum(ks)}, max {max(ks)}); "
           f"relative difference of the maps (a) vs (b): {err:.1e}")
-    print("(a) released: 1 forward + one full backward per (image, class) | (b) getam | (c) floor: 1 forward + max-K attention VJPs")
+    print("(a) released: 1 forward + one full backward per (image, class) | (b) getam | "
+          "(c) floor: 1 forward + max-K attention VJPs")
     t = time_side_by_side({"(a) released": lambda: _released_recipe(model, images, labels),
                            "(b) getam": lambda: getam(model, images, labels),
                            "(c) floor": lambda: _floor(model, images, labels)}, repeats=repeats)
     print(format_timings(t))
     a, b, c = t.values()
-    print(f"speed-up of ours over the released recipe: {a / b:.2f}x (target >= 3); ours / floor: {b / c:.2f} (target <= 1.2)")
+    print(f"speed-up of ours over the released recipe: {a / b:.2f}x (target >= 3); "
+          f"ours / floor: {b / c:.2f} (target <= 1.2)")
     return t

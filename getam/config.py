@@ -36,7 +36,9 @@ def settings_files(start: str | Path | None = None) -> list[Path]:
 def _read_ini(path: Path) -> dict[str, str]:
     cp = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
     try: cp.read(path, encoding="utf-8")
-    except configparser.Error as e: raise ValueError(f"{path}: not a valid settings file, expected an ini file with a [{SECTION}] section ({e})") from e
+    except configparser.Error as e:
+        raise ValueError(f"{path}: not a valid settings file, "
+                         f"expected an ini file with a [{SECTION}] section ({e})") from e
     if not cp.has_section(SECTION):
         raise ValueError(f"{path}: expected a [{SECTION}] section with keys such as voc_root, coco_root, runs_dir")
     return dict(cp.items(SECTION))
@@ -68,6 +70,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): return torch.device("mps")
         return torch.device("cpu")
     try: dev = torch.device(device)
-    except RuntimeError as e: raise ValueError(f"device={device!r} is not a torch device; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device={device!r} asked for CUDA, but torch sees no GPU here; use device='cpu' or 'auto'")
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a torch device; "
+                         "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for CUDA, but torch sees no GPU here; "
+                         "use device='cpu' or 'auto'")
     return dev

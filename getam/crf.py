@@ -41,7 +41,8 @@ def crf_params(crf: str | dict | None) -> dict | None:
 
 # %% ../nbs/31_crf.ipynb #142ef6bc
 def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
-    "Refine `probs: [K, H, W]` (softmax probabilities) with a dense CRF on `image` (uint8 `[H, W, 3]` or `[3, H, W]`); returns float32 `[K, H, W]`."
+    """Refine `probs: [K, H, W]` (softmax probabilities) with a dense CRF on `image` (uint8 `[H, W, 3]` or
+    `[3, H, W]`); returns float32 `[K, H, W]`."""
     dcrf, unary_from_softmax = _import_crf()
     p = crf_params(params)
     image = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -49,7 +50,8 @@ def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3: image = image.transpose(1, 2, 0)
     K, H, W = probs.shape
     if image.shape != (H, W, 3) or image.dtype != np.uint8:
-        raise ValueError(f"dense_crf: expected a uint8 image [H, W, 3] matching probs {tuple(probs.shape)}, got {image.dtype} {image.shape}")
+        raise ValueError(f"dense_crf: expected a uint8 image [H, W, 3] matching probs {tuple(probs.shape)}, "
+                         f"got {image.dtype} {image.shape}")
     d = dcrf.DenseCRF2D(W, H, K)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0))))
     d.addPairwiseGaussian(sxy=p["gauss_sxy"], compat=p["gauss_compat"])
@@ -60,10 +62,12 @@ def _crf_task(args):
     image, probs, params = args
     return dense_crf(image, probs, params)
 
-def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released", processes: int = 2) -> list[np.ndarray]:
+def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released",
+              processes: int = 2) -> list[np.ndarray]:
     "`dense_crf` over many images, in `processes` worker processes (in this process when `processes <= 1`)."
     _import_crf()
-    jobs = [(np.asarray(i.cpu() if isinstance(i, torch.Tensor) else i), np.asarray(p.float().cpu() if isinstance(p, torch.Tensor) else p), params)
+    jobs = [(np.asarray(i.cpu() if isinstance(i, torch.Tensor) else i),
+             np.asarray(p.float().cpu() if isinstance(p, torch.Tensor) else p), params)
             for i, p in zip(images, probs)]
     if processes <= 1 or len(jobs) <= 1: return [_crf_task(j) for j in jobs]
     with ProcessPoolExecutor(min(processes, len(jobs))) as ex: return list(ex.map(_crf_task, jobs))
@@ -71,7 +75,9 @@ def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released"
 # %% ../nbs/31_crf.ipynb #cb33570c
 def _edge_example(H: int = 16, W: int = 24, edge: int = 12, shift: int = 4, blur: float = 3.0):
     "An image with a colour edge at `edge` and a blurred 2-class probability map whose boundary sits at `edge + shift`."
-    image = np.zeros((H, W, 3), np.uint8); image[:, :edge] = (200, 40, 40); image[:, edge:] = (40, 40, 200)
+    image = np.zeros((H, W, 3), np.uint8)
+    image[:, :edge] = (200, 40, 40)
+    image[:, edge:] = (40, 40, 200)
     x = np.arange(W, dtype=np.float32)
     p1 = 1 / (1 + np.exp(-(x - (edge + shift)) / blur))
     p1 = np.broadcast_to(0.2 + 0.6 * p1, (H, W))

@@ -43,7 +43,9 @@ class _SegDataset(Dataset):
 def _read_labels(f: Path) -> dict:
     "The dict id -> multi-hot labels of a `cls_labels.npy`, or an error naming the file and what it should hold."
     try: labels = np.load(f, allow_pickle=True)
-    except Exception as e: raise ValueError(f"{f}: cannot read it ({type(e).__name__}: {e}); expected a NumPy file of a dict id -> multi-hot float32[C]") from e
+    except Exception as e:
+        raise ValueError(f"{f}: cannot read it ({type(e).__name__}: {e}); "
+                         "expected a NumPy file of a dict id -> multi-hot float32[C]") from e
     if labels.shape != () or not isinstance(labels.item(), dict):
         raise ValueError(f"{f}: holds an array of shape {labels.shape}, expected a dict id -> multi-hot float32[C] "
                          "(rebuild it with `python -m getam.data voc-labels`)")
@@ -54,34 +56,50 @@ class VOCDataset(_SegDataset):
     "VOC-layout segmentation data: items `{image, label, mask, [saliency], name}`."
     def __init__(self, root, split: str = "train", saliency_root=None, transform: Callable | None = None,
                  class_names: Sequence[str] = VOC_CLASSES, palette=PALETTE, saliency_threshold: int = 0,
-                 root_key: str = "voc_root", saliency_key: str = "voc_saliency_root", what: str = "the PASCAL VOC 2012 folder"):
+                 root_key: str = "voc_root", saliency_key: str = "voc_saliency_root",
+                 what: str = "the PASCAL VOC 2012 folder"):
         self.root, self.split, self.transform = Path(root), split, transform
         self.class_names, self.palette, self.saliency_threshold = list(class_names), palette, saliency_threshold
         self.root_key, self.saliency_key = root_key, saliency_key
         if not self.root.is_dir():
-            raise _missing(self.root, f"{what} (JPEGImages/, SegmentationClassAug/ or SegmentationClass/, ImageSets/Segmentation/, cls_labels.npy)", root_key)
+            raise _missing(self.root, f"{what} (JPEGImages/, SegmentationClassAug/ or SegmentationClass/, "
+                                      "ImageSets/Segmentation/, cls_labels.npy)", root_key)
         lst = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not lst.is_file():
             have = sorted(p.stem for p in lst.parent.glob("*.txt"))
-            raise _missing(lst, f"the list of image ids of split {split!r}, one per line (splits found: {', '.join(have) or 'none'})", root_key)
-        self.ids = [Path(l.split()[0]).stem if l.startswith("/") else l.split()[0] for l in lst.read_text().splitlines() if l.strip()]
+            raise _missing(lst, f"the list of image ids of split {split!r}, one per line "
+                                f"(splits found: {', '.join(have) or 'none'})", root_key)
+        self.ids = [Path(l.split()[0]).stem if l.startswith("/") else l.split()[0]
+                    for l in lst.read_text().splitlines() if l.strip()]
         self.has_masks = split != "test"
         self.labels = None
         if self.has_masks:
-            self.mask_dir = next((self.root / d for d in ("SegmentationClassAug", "SegmentationClass") if (self.root / d).is_dir()), None)
-            if self.mask_dir is None: raise _missing(self.root / "SegmentationClassAug", "the class masks ({id}.png; or SegmentationClass/)", root_key)
+            self.mask_dir = next((self.root / d for d in ("SegmentationClassAug", "SegmentationClass")
+                                  if (self.root / d).is_dir()), None)
+            if self.mask_dir is None:
+                raise _missing(self.root / "SegmentationClassAug", "the class masks ({id}.png; or SegmentationClass/)",
+                               root_key)
             f = self.root / "cls_labels.npy"
-            if not f.is_file(): raise _missing(f, "the image-level labels, a dict id -> multi-hot float32[C] (build it with `python -m getam.data voc-labels`)", root_key)
+            if not f.is_file():
+                raise _missing(f, "the image-level labels, a dict id -> multi-hot float32[C] "
+                                  "(build it with `python -m getam.data voc-labels`)", root_key)
             self.labels_file, self.labels = f, _read_labels(f)
         self._set_saliency_root(saliency_root, saliency_key, "{id}")
 
     def label(self, name: str) -> torch.Tensor:
         "The multi-hot label `[C]` of image `name`."
         v = self.labels.get(name)
-        if v is None and name.replace("_", "").isdigit(): v = self.labels.get(int(name.replace("_", "")))  # int-keyed files
-        if v is None: raise KeyError(f"{self.labels_file}: no label for image {name!r}; expected an entry for every id of split {self.split!r} (rebuild it with `python -m getam.data voc-labels`; root set by {self.root_key} in settings.ini)")
+        # int-keyed files
+        if v is None and name.replace("_", "").isdigit(): v = self.labels.get(int(name.replace("_", "")))
+        if v is None:
+            raise KeyError(f"{self.labels_file}: no label for image {name!r}; "
+                           f"expected an entry for every id of split {self.split!r} "
+                           f"(rebuild it with `python -m getam.data voc-labels`; "
+                           f"root set by {self.root_key} in settings.ini)")
         v = np.asarray(v, np.float32)
-        if v.shape != (self.num_classes,): raise ValueError(f"{self.labels_file}: label of {name!r} has shape {v.shape}, expected ({self.num_classes},)")
+        if v.shape != (self.num_classes,):
+            raise ValueError(f"{self.labels_file}: label of {name!r} has shape {v.shape}, "
+                             f"expected ({self.num_classes},)")
         return torch.from_numpy(v.copy())
 
     def _dense(self, path: Path, expected: str, key: str, shape) -> np.ndarray:
@@ -94,19 +112,25 @@ class VOCDataset(_SegDataset):
     def __getitem__(self, i: int) -> dict:
         name = self.ids[i]
         p = self.root / "JPEGImages" / f"{name}.jpg"
-        if not p.is_file(): raise _missing(p, f"the JPEG image of id {name!r} listed in ImageSets/Segmentation/{self.split}.txt", self.root_key)
+        if not p.is_file():
+            raise _missing(p, f"the JPEG image of id {name!r} listed in ImageSets/Segmentation/{self.split}.txt",
+                           self.root_key)
         item = dict(image=read_image(p), name=name)
         hw = item["image"].shape[1:]
         if self.has_masks:
             item["label"] = self.label(name)
-            m = self._dense(self.mask_dir / f"{name}.png", f"the class mask of id {name!r} (0 background, 1..C, 255 ignore)", self.root_key, hw)
+            m = self._dense(self.mask_dir / f"{name}.png",
+                            f"the class mask of id {name!r} (0 background, 1..C, 255 ignore)", self.root_key, hw)
             item["mask"] = torch.from_numpy(m.astype(np.int64))
         if self.saliency_root is not None:
-            s = self._dense(self.saliency_root / f"{name}.png", f"the saliency map of id {name!r} (0-255)", self.saliency_key, hw)
+            s = self._dense(self.saliency_root / f"{name}.png", f"the saliency map of id {name!r} (0-255)",
+                            self.saliency_key, hw)
             item["saliency"] = torch.from_numpy((s > self.saliency_threshold).astype(np.int64))
         return self.transform(item) if self.transform else item
 
-    def __repr__(self): return f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images, {self.num_classes} classes)"
+    def __repr__(self):
+        return (f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images, "
+                f"{self.num_classes} classes)")
 
 # %% ../nbs/10_data.ipynb #db841d0b
 def _coco_api(ann_file: Path, key: str = "coco_root"):
@@ -115,15 +139,18 @@ def _coco_api(ann_file: Path, key: str = "coco_root"):
     try:
         with contextlib.redirect_stdout(io.StringIO()): return COCO(str(ann_file))
     except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); expected JSON with images, annotations and categories") from e
+        raise ValueError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); "
+                         "expected JSON with images, annotations and categories") from e
 
 def coco_class_mask(coco, image_id: int, cat_to_label: dict[int, int]) -> np.ndarray:
-    "uint8 `[H, W]` class mask of one COCO image: 0 background, `cat_to_label[cat]`, 255 on crowd-only pixels; smaller instances win overlaps."
+    """uint8 `[H, W]` class mask of one COCO image: 0 background, `cat_to_label[cat]`, 255 on crowd-only pixels;
+    smaller instances win overlaps."""
     info = coco.imgs[image_id]
     mask = np.zeros((info["height"], info["width"]), np.uint8)
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
     crowd = np.zeros_like(mask, dtype=bool)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")  # numpy-2 `copy=` notice inside annToMask
+    # numpy-2 `copy=` notice inside annToMask
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
     for a in sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: -float(a.get("area", 0))):
         mask[coco.annToMask(a).astype(bool)] = cat_to_label[a["category_id"]]
     for a in anns:
@@ -133,13 +160,16 @@ def coco_class_mask(coco, image_id: int, cat_to_label: dict[int, int]) -> np.nda
 
 # %% ../nbs/10_data.ipynb #94c639cb
 class COCODataset(_SegDataset):
-    "COCO-format segmentation data (`root/{split}/`, `root/annotations/instances_{split}.json`): items `{image, label, mask, [saliency], name}`."
+    """COCO-format segmentation data (`root/{split}/`, `root/annotations/instances_{split}.json`): items
+    `{image, label, mask, [saliency], name}`."""
     def __init__(self, root, split: str = "train2014", saliency_root=None, transform: Callable | None = None,
                  saliency_threshold: int = 0, skip_unlabelled: bool = True, palette=PALETTE,
                  root_key: str = "coco_root", saliency_key: str = "coco_saliency_root"):
-        self.root, self.split, self.transform, self.saliency_threshold = Path(root), split, transform, saliency_threshold
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.saliency_threshold = saliency_threshold
         self.root_key, self.saliency_key, self.palette = root_key, saliency_key, palette
-        if not self.root.is_dir(): raise _missing(self.root, f"the COCO 2014 folder ({split}/, annotations/instances_{split}.json)", root_key)
+        if not self.root.is_dir():
+            raise _missing(self.root, f"the COCO 2014 folder ({split}/, annotations/instances_{split}.json)", root_key)
         self.image_dir = self.root / split
         if not self.image_dir.is_dir(): raise _missing(self.image_dir, f"the images of split {split!r}", root_key)
         self.coco = _coco_api(self.root / "annotations" / f"instances_{split}.json", root_key)
@@ -148,7 +178,8 @@ class COCODataset(_SegDataset):
         self.class_names = ["background"] + [self.coco.cats[c]["name"] for c in cats]
         ids = sorted(self.coco.imgs)
         self.ids = [i for i in ids if self.coco.imgToAnns.get(i)] if skip_unlabelled else ids
-        self.mask_dir = next((d for d in (self.root / "SegmentationClass" / split, self.root / "coco_seg_anno") if d.is_dir()), None)
+        self.mask_dir = next((d for d in (self.root / "SegmentationClass" / split, self.root / "coco_seg_anno")
+                              if d.is_dir()), None)
         self._set_saliency_root(saliency_root, saliency_key, "{stem}")
 
     def label(self, image_id: int) -> torch.Tensor:
@@ -157,9 +188,12 @@ class COCODataset(_SegDataset):
         return lab
 
     def __getitem__(self, i: int) -> dict:
-        iid = self.ids[i]; info = self.coco.imgs[iid]; name = Path(info["file_name"]).stem
+        iid = self.ids[i]
+        info = self.coco.imgs[iid]
+        name = Path(info["file_name"]).stem
         p = self.image_dir / info["file_name"]
-        if not p.is_file(): raise _missing(p, f"the image {info['file_name']!r} listed in instances_{self.split}.json", self.root_key)
+        if not p.is_file():
+            raise _missing(p, f"the image {info['file_name']!r} listed in instances_{self.split}.json", self.root_key)
         item = dict(image=read_image(p), name=name, label=self.label(iid))
         hw = tuple(item["image"].shape[1:])
         mp = self.mask_dir / f"{name}.png" if self.mask_dir is not None else None
@@ -176,20 +210,24 @@ class COCODataset(_SegDataset):
             item["saliency"] = torch.from_numpy((s > self.saliency_threshold).astype(np.int64))
         return self.transform(item) if self.transform else item
 
-    def __repr__(self): return f"COCODataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, {self.num_classes} classes)"
+    def __repr__(self):
+        return f"COCODataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, {self.num_classes} classes)"
 
 # %% ../nbs/10_data.ipynb #8de031ee
 DATASETS = ("voc", "coco", "synth")
 
-def load_dataset(name: str, root=None, split: str = "train", saliency_root=None, transform: Callable | None = None, **kwargs) -> Dataset:
-    "The data set `name` (one of `DATASETS`) at `root` (default: `{name}_root` from settings.ini) as a `Dataset` of dict items."
+def load_dataset(name: str, root=None, split: str = "train", saliency_root=None, transform: Callable | None = None,
+                 **kwargs) -> Dataset:
+    """The data set `name` (one of `DATASETS`) at `root` (default: `{name}_root` from settings.ini) as a `Dataset` of
+    dict items."""
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if root is None:
         root = setting(f"{name}_root")
     if name == "coco": return COCODataset(root, split, saliency_root, transform, **kwargs)
     if name == "voc": return VOCDataset(root, split, saliency_root, transform, **kwargs)
     return VOCDataset(root, split, saliency_root, transform, class_names=SYNTH_CLASSES, root_key="synth_root",
-                      saliency_key="synth_saliency_root", what="SynthVOC (generate it with `python -m getam.synth --out ROOT`)", **kwargs)
+                      saliency_key="synth_saliency_root",
+                      what="SynthVOC (generate it with `python -m getam.synth --out ROOT`)", **kwargs)
 
 # %% ../nbs/10_data.ipynb #baf755b2
 DENSE_FILL = {"mask": IGNORE_INDEX, "saliency": 0}
@@ -197,7 +235,8 @@ DENSE_FILL = {"mask": IGNORE_INDEX, "saliency": 0}
 def _dense_keys(item: dict): return [k for k in DENSE_FILL if k in item]
 
 def _resize_item(item: dict, size: tuple[int, int]) -> dict:
-    out = dict(item); img = item["image"]
+    out = dict(item)
+    img = item["image"]
     if tuple(img.shape[-2:]) == tuple(size): return out
     x = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     out["image"] = x.round().clamp(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else x.to(img.dtype)
@@ -206,7 +245,8 @@ def _resize_item(item: dict, size: tuple[int, int]) -> dict:
     return out
 
 def _long_side_size(hw, long_side: int) -> tuple[int, int]:
-    h, w = hw; s = long_side / max(h, w)
+    h, w = hw
+    s = long_side / max(h, w)
     return max(1, round(h * s)), max(1, round(w * s))
 
 class Compose:
@@ -243,7 +283,9 @@ class RandomHFlip:
 
 def _place(item: dict, size: int, oy: int, ox: int, cy: int, cx: int, fill: float) -> dict:
     "Pad to at least `size` with the image at (oy, ox), then take the `size`×`size` window at (cy, cx)."
-    out = dict(item); h, w = item["image"].shape[-2:]; H, W = max(h, size), max(w, size)
+    out = dict(item)
+    h, w = item["image"].shape[-2:]
+    H, W = max(h, size), max(w, size)
     for k, v in [("image", fill), *[(k, DENSE_FILL[k]) for k in _dense_keys(item)]]:
         x = item[k]
         canvas = torch.full((*x.shape[:-2], H, W), v, dtype=x.dtype)
@@ -252,19 +294,23 @@ def _place(item: dict, size: int, oy: int, ox: int, cy: int, cx: int, fill: floa
     return out
 
 class RandomCrop:
-    "A random `size`×`size` crop; smaller images are first padded (image `fill`, mask 255, saliency 0) at a random offset."
+    """A random `size`×`size` crop; smaller images are first padded (image `fill`, mask 255, saliency 0) at a random
+    offset."""
     def __init__(self, size: int, fill: float = 0): self.size, self.fill = size, fill
     def __call__(self, item):
-        h, w = item["image"].shape[-2:]; s = self.size
+        h, w = item["image"].shape[-2:]
+        s = self.size
         r = lambda n: int(torch.randint(0, n + 1, ()).item()) if n > 0 else 0
         return _place(item, s, r(s - h), r(s - w), r(h - s), r(w - s), self.fill)
     def __repr__(self): return f"RandomCrop({self.size})"
 
 class CenterCrop:
-    "Evaluation counterpart of `RandomCrop`: pad bottom/right (image `fill`, mask 255, saliency 0), then crop the centre."
+    """Evaluation counterpart of `RandomCrop`: pad bottom/right (image `fill`, mask 255, saliency 0), then crop the
+    centre."""
     def __init__(self, size: int, fill: float = 0): self.size, self.fill = size, fill
     def __call__(self, item):
-        h, w = item["image"].shape[-2:]; s = self.size
+        h, w = item["image"].shape[-2:]
+        s = self.size
         return _place(item, s, 0, 0, max(h - s, 0) // 2, max(w - s, 0) // 2, self.fill)
     def __repr__(self): return f"CenterCrop({self.size})"
 
@@ -275,7 +321,8 @@ class Normalize:
         self.mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(IMAGENET_STD if std is None else std, dtype=torch.float32)[:, None, None]
     def __call__(self, item):
-        out = dict(item); x = item["image"]
+        out = dict(item)
+        x = item["image"]
         if x.dtype == torch.uint8: x = x.float() / 255
         out["image"] = (x - self.mean) / self.std
         return out
@@ -283,7 +330,8 @@ class Normalize:
 
 def denormalize(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     "Undo `Normalize`: float `[..., 3, H, W]` → uint8, for display."
-    m = torch.tensor(IMAGENET_MEAN if mean is None else mean)[:, None, None]; s = torch.tensor(IMAGENET_STD if std is None else std)[:, None, None]
+    m = torch.tensor(IMAGENET_MEAN if mean is None else mean)[:, None, None]
+    s = torch.tensor(IMAGENET_STD if std is None else std)[:, None, None]
     return ((image.float().cpu() * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
 
 # %% ../nbs/10_data.ipynb #ae0f4fa7
@@ -291,29 +339,37 @@ def train_transform(crop_size: int = 128, resize_range: tuple[int, int] | None =
                     mean=None, std=None) -> Compose:
     "Random long-side resize, horizontal flip, normalisation and a `crop_size` random crop with padding."
     lo, hi = resize_range or (int(crop_size * 0.9), int(crop_size * 1.14))
-    return Compose(RandomLongSideResize(lo, hi), RandomHFlip() if flip else None, Normalize(mean, std), RandomCrop(crop_size))
+    return Compose(RandomLongSideResize(lo, hi), RandomHFlip() if flip else None, Normalize(mean, std),
+                   RandomCrop(crop_size))
 
 def eval_transform(size: int | None = None, crop_size: int | None = None, mean=None, std=None) -> Compose:
     "Optional long-side resize to `size`, normalisation, optional centre crop/pad to `crop_size`."
-    return Compose(LongSideResize(size) if size else None, Normalize(mean, std), CenterCrop(crop_size) if crop_size else None)
+    return Compose(LongSideResize(size) if size else None, Normalize(mean, std),
+                   CenterCrop(crop_size) if crop_size else None)
 
 def collate(items: list[dict]) -> dict:
     "Stack a list of items into a batch dict (`name` becomes a list); tells which key differs in size."
     for k in items[0]:
         if torch.is_tensor(items[0][k]):
             shapes = {tuple(it[k].shape) for it in items}
-            if len(shapes) > 1: raise ValueError(f"collate: key {k!r} has different shapes {sorted(shapes)}; crop to a fixed size (train_transform / eval_transform(crop_size=...)) or use batch size 1")
+            if len(shapes) > 1:
+                raise ValueError(f"collate: key {k!r} has different shapes {sorted(shapes)}; crop to a fixed size "
+                                 "(train_transform / eval_transform(crop_size=...)) or use batch size 1")
     return default_collate(items)
 
 # %% ../nbs/10_data.ipynb #3a894ad6
 def voc_cls_labels(root, splits: Sequence[str] = ("train_aug", "train", "val"), out=None, progress: bool = True,
                    class_names: Sequence[str] = VOC_CLASSES) -> Path:
     "Build `root/cls_labels.npy` (or `out`) from `root/Annotations/{id}.xml` for every id of `splits` that exist."
-    root = Path(root); seg = root / "ImageSets" / "Segmentation"
-    if not root.is_dir(): raise _missing(root, "the PASCAL VOC 2012 folder (Annotations/, ImageSets/Segmentation/)", "voc_root")
+    root = Path(root)
+    seg = root / "ImageSets" / "Segmentation"
+    if not root.is_dir():
+        raise _missing(root, "the PASCAL VOC 2012 folder (Annotations/, ImageSets/Segmentation/)", "voc_root")
     files = [seg / f"{s}.txt" for s in splits if (seg / f"{s}.txt").is_file()]
-    if not files: raise _missing(seg / f"{splits[0]}.txt", f"at least one split list of {', '.join(splits)}", "voc_root")
-    ids = sorted({(Path(l.split()[0]).stem if l.startswith("/") else l.split()[0]) for f in files for l in f.read_text().splitlines() if l.strip()})
+    if not files:
+        raise _missing(seg / f"{splits[0]}.txt", f"at least one split list of {', '.join(splits)}", "voc_root")
+    ids = sorted({(Path(l.split()[0]).stem if l.startswith("/") else l.split()[0])
+                  for f in files for l in f.read_text().splitlines() if l.strip()})
     idx = {n: i for i, n in enumerate(class_names[1:])}
     labels = {}
     for n in (progress_bar(ids) if progress else ids):
@@ -335,13 +391,15 @@ def voc_cls_labels(root, splits: Sequence[str] = ("train_aug", "train", "val"), 
 def coco_masks(root, split: str = "train2014", progress: bool = True, overwrite: bool = False) -> Path:
     "Write the class mask PNG and multi-hot label of every image of `split`; returns the mask folder."
     ds = COCODataset(root, split, skip_unlabelled=False)
-    out = ds.root / "SegmentationClass" / split; out.mkdir(parents=True, exist_ok=True)
+    out = ds.root / "SegmentationClass" / split
+    out.mkdir(parents=True, exist_ok=True)
     labels = {}
     for iid in (progress_bar(ds.ids) if progress else ds.ids):
         stem = Path(ds.coco.imgs[iid]["file_name"]).stem
         labels[stem] = ds.label(iid).numpy()
         p = out / f"{stem}.png"
-        if overwrite or not p.is_file(): write_palette_png(p, coco_class_mask(ds.coco, iid, ds.cat_to_label), ds.palette)
+        if overwrite or not p.is_file():
+            write_palette_png(p, coco_class_mask(ds.coco, iid, ds.cat_to_label), ds.palette)
     with atomic_path(ds.root / f"cls_labels_{split}.npy") as t:
         with open(t, "wb") as f: np.save(f, labels, allow_pickle=True)
     return out
@@ -351,12 +409,15 @@ def main(argv: list[str] | None = None):
     "`python -m getam.data coco-masks --root DIR --split SPLIT` | `voc-labels --root DIR [--splits ...]`."
     p = argparse.ArgumentParser(prog="python -m getam.data", description="Build data files for getam.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("coco-masks", help="class masks (SegmentationClass/{split}/*.png) and cls_labels_{split}.npy from instances_{split}.json")
+    c = sub.add_parser("coco-masks", help="class masks (SegmentationClass/{split}/*.png) and cls_labels_{split}.npy "
+                                          "from instances_{split}.json")
     c.add_argument("--root", default=None, help="COCO root (default: coco_root of settings.ini)")
-    c.add_argument("--split", default="train2014"); c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--split", default="train2014")
+    c.add_argument("--overwrite", action="store_true")
     v = sub.add_parser("voc-labels", help="cls_labels.npy from VOC's Annotations/*.xml")
     v.add_argument("--root", default=None, help="VOC root (default: voc_root of settings.ini)")
-    v.add_argument("--splits", nargs="+", default=["train_aug", "train", "val"]); v.add_argument("--out", default=None)
+    v.add_argument("--splits", nargs="+", default=["train_aug", "train", "val"])
+    v.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.cmd == "coco-masks": print(coco_masks(a.root or setting("coco_root"), a.split, overwrite=a.overwrite))
     else: print(voc_cls_labels(a.root or setting("voc_root"), a.splits, a.out))

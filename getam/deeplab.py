@@ -38,14 +38,19 @@ def dilated_resnet(name: str = "resnet101", weights: str | Path | None = None) -
     fn = getattr(torchvision.models, name)
     basic = name in ("resnet18", "resnet34")
     net = fn(weights=None) if basic else fn(weights=None, replace_stride_with_dilation=[False, True, True])
-    if basic: _dilate_basic(net.layer3, 2, 1); _dilate_basic(net.layer4, 4, 2)
+    if basic:
+        _dilate_basic(net.layer3, 2, 1)
+        _dilate_basic(net.layer4, 4, 2)
     if weights is not None:
         sd = {k: v for k, v in load_weights_file(weights).items() if not k.startswith("fc.")}
         try: missing, unexpected = net.load_state_dict(sd, strict=False)
-        except RuntimeError as e: raise ValueError(f"{weights}: not a torchvision {name} state dict ({str(e).splitlines()[-1].strip()[:200]})") from e
+        except RuntimeError as e:
+            raise ValueError(f"{weights}: not a torchvision {name} state dict "
+                             f"({str(e).splitlines()[-1].strip()[:200]})") from e
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise ValueError(f"{weights}: not a torchvision {name} state dict (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(f"{weights}: not a torchvision {name} state dict "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     net.fc, net.avgpool = nn.Identity(), nn.Identity()
     net.out_channels = 512 if basic else 2048
     return net
@@ -56,7 +61,9 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
         self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
-        for c in self.branches: nn.init.normal_(c.weight, std=0.01); nn.init.zeros_(c.bias)
+        for c in self.branches:
+            nn.init.normal_(c.weight, std=0.01)
+            nn.init.zeros_(c.bias)
     def forward(self, x): return sum(b(x) for b in self.branches)
 
 class DeepLabV2(nn.Module):
@@ -93,7 +100,8 @@ class DeepLabV2(nn.Module):
     def param_groups(self, lr: float, head_mult: float = 10.0) -> list[dict]:
         "SGD groups: the backbone at `lr`, the ASPP head at `head_mult × lr` (DeepLab's 10×)."
         bb = [p for p in self.backbone.parameters() if p.requires_grad]
-        return [dict(params=bb, lr=lr, initial_lr=lr), dict(params=list(self.head.parameters()), lr=lr * head_mult, initial_lr=lr * head_mult)]
+        return [dict(params=bb, lr=lr, initial_lr=lr),
+                dict(params=list(self.head.parameters()), lr=lr * head_mult, initial_lr=lr * head_mult)]
 
 # %% ../nbs/60_deeplab.ipynb #606bb330
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -117,9 +125,11 @@ def checkpoint_config(path: str | Path) -> dict:
 def load_deeplab(path: str | Path, device="cpu") -> tuple[DeepLabV2, dict]:
     "Rebuild a DeepLabV2 from `save_deeplab`'s files; returns `(model in eval mode, config)`."
     wpath, cpath = _paths(path)
-    if not wpath.is_file() or not cpath.is_file(): raise FileNotFoundError(f"{wpath}: expected a DeepLab v2 checkpoint (.safetensors with its .json beside it)")
+    if not wpath.is_file() or not cpath.is_file():
+        raise FileNotFoundError(f"{wpath}: expected a DeepLab v2 checkpoint (.safetensors with its .json beside it)")
     cfg = json.loads(cpath.read_text())
     if cfg.get("arch") != "deeplab_v2": raise ValueError(f"{cpath}: arch {cfg.get('arch')!r}, expected 'deeplab_v2'")
-    model = DeepLabV2(cfg["num_classes"], cfg["backbone"], rates=cfg.get("rates", (6, 12, 18, 24)), freeze_bn=cfg.get("freeze_bn", False))
+    model = DeepLabV2(cfg["num_classes"], cfg["backbone"], rates=cfg.get("rates", (6, 12, 18, 24)),
+                      freeze_bn=cfg.get("freeze_bn", False))
     model.load_state_dict(load_file(str(wpath)))
     return model.to(device).eval(), cfg

@@ -28,9 +28,12 @@ class Explanation(NamedTuple):
 
 def explain(model: nn.Module, images: torch.Tensor, labels=None, method: str | Callable = "getam", top_k: int = 1,
             size: tuple[int, int] | None = None, multilabel: bool = True, **kwargs) -> Explanation:
-    "Maps of `method` for `labels` (multi-hot, class indices, or None → the `top_k` best-scoring classes) of normalised `images` [B, 3, H, W]."
+    """Maps of `method` for `labels` (multi-hot, class indices, or None → the `top_k` best-scoring classes) of
+    normalised `images` [B, 3, H, W]."""
     fn = METHODS[method] if isinstance(method, str) and method in METHODS else method
-    if not callable(fn): raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)} or a callable (model, images, labels) -> maps")
+    if not callable(fn):
+        raise ValueError(f"method={method!r}; expected one of {', '.join(METHODS)} "
+                         "or a callable (model, images, labels) -> maps")
     model = model.eval()
     with torch.no_grad(): logits = cams.logits_of(model(images)).float()      # to choose and report classes
     labels = cams.target_labels(labels, logits, top_k)
@@ -41,8 +44,10 @@ def explain(model: nn.Module, images: torch.Tensor, labels=None, method: str | C
     return Explanation(maps, raw, labels, scores, classes)
 
 # %% ../nbs/22_explain.ipynb #e2be3a8a
-def overlay(image: torch.Tensor, m: torch.Tensor, opacity: float = 0.5, cmap: str = "jet", mean=None, std=None) -> torch.Tensor:
-    "`getam.widgets.overlay` for torch: map `m` [h, w] (max-normalised, resized bilinearly) over `image` ([3, H, W] uint8 or normalised float) → uint8 [H, W, 3]."
+def overlay(image: torch.Tensor, m: torch.Tensor, opacity: float = 0.5, cmap: str = "jet",
+            mean=None, std=None) -> torch.Tensor:
+    """`getam.widgets.overlay` for torch: map `m` [h, w] (max-normalised, resized bilinearly) over `image`
+    ([3, H, W] uint8 or normalised float) → uint8 [H, W, 3]."""
     img = image if image.dtype == torch.uint8 else denormalize(image, mean, std)
     rgb = widgets.overlay(img.cpu().permute(1, 2, 0).numpy(), m.detach().float().cpu().numpy(), opacity, cmap)
     return torch.from_numpy(rgb)

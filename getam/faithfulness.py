@@ -31,7 +31,8 @@ class CurveResult(NamedTuple):
 def blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Tensor:
     "Gaussian blur of `images` [B, 3, H, W] per channel (reflect padding): RISE's insertion baseline."
     r = torch.arange(kernel, device=images.device, dtype=images.dtype) - (kernel - 1) / 2
-    g = torch.exp(-r ** 2 / (2 * sigma ** 2)); g = g / g.sum()
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
     C, pad = images.shape[1], kernel // 2
     x = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, kernel), groups=C)
@@ -40,7 +41,8 @@ def blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Te
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
     "Rank of every pixel in the descending order of `maps` [P, H, W] (stable: ties by index) → long [P, H*W]."
     order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
 
 def _score(logits: torch.Tensor, cls: torch.Tensor, score: str) -> torch.Tensor:
     if score == "sigmoid": logits = logits.sigmoid()
@@ -56,10 +58,12 @@ def trapezoid_auc(curves: torch.Tensor) -> torch.Tensor:
 def deletion_insertion(model: nn.Module | Callable, images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
                        mode: str = "deletion", steps: int = 16, baseline: torch.Tensor | None = None,
                        score: str = "sigmoid", batch_size: int = 64) -> CurveResult:
-    "RISE deletion / insertion curves and AUC of every present (image, class) pair: `images` [B, 3, H, W] (normalised), `maps` [B, C, h, w]."
+    """RISE deletion / insertion curves and AUC of every present (image, class) pair: `images` [B, 3, H, W]
+    (normalised), `maps` [B, C, h, w]."""
     if mode not in ("deletion", "insertion"): raise ValueError(f"mode={mode!r}; expected 'deletion' or 'insertion'")
     if score not in SCORES: raise ValueError(f"score={score!r}; expected one of {', '.join(SCORES)}")
-    if maps.shape[:2] != labels.shape: raise ValueError(f"maps {tuple(maps.shape)} and labels {tuple(labels.shape)}: expected [B, C, h, w] and [B, C]")
+    if maps.shape[:2] != labels.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and labels {tuple(labels.shape)}: expected [B, C, h, w] and [B, C]")
     B, _, H, W = images.shape
     if baseline is None: baseline = torch.zeros_like(images) if mode == "deletion" else blur(images)
     rows, cls = torch.nonzero(labels.to(images.device) > 0, as_tuple=True)
@@ -82,7 +86,8 @@ def deletion_insertion(model: nn.Module | Callable, images: torch.Tensor, maps: 
 
 # %% ../nbs/23_faithfulness.ipynb #bf1b2b9b
 class PairScores(NamedTuple):
-    "Per present (image, class) pair: `rows`, `classes`, `values` [P] (float); `mean` is the mean over classes of the per-class means."
+    """Per present (image, class) pair: `rows`, `classes`, `values` [P] (float); `mean` is the mean over classes of the
+    per-class means."""
     rows: torch.Tensor
     classes: torch.Tensor
     values: torch.Tensor
@@ -108,13 +113,15 @@ def class_regions(masks: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, re
     return span(ys)[:, :, None] & span(xs)[:, None, :]
 
 def _pairs(maps, labels, masks):
-    if maps.shape[:2] != labels.shape: raise ValueError(f"maps {tuple(maps.shape)} and labels {tuple(labels.shape)}: expected [B, C, h, w] and [B, C]")
+    if maps.shape[:2] != labels.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and labels {tuple(labels.shape)}: expected [B, C, h, w] and [B, C]")
     rows, cls = torch.nonzero(labels.to(maps.device) > 0, as_tuple=True)
     masks = masks.to(maps.device)
     return rows, cls, masks, resize_maps(maps, masks.shape[-2:])[rows, cls]
 
 def pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, tolerance: int = 0) -> PairScores:
-    "Hit (1.) when the maximum of each present class's map lies on (within `tolerance` px of) that class in `masks` [B, H, W]."
+    """Hit (1.) when the maximum of each present class's map lies on (within `tolerance` px of) that class in
+    `masks` [B, H, W]."""
     rows, cls, masks, m = _pairs(maps, labels, masks)
     region = class_regions(masks, rows, cls).float()
     if tolerance > 0:
@@ -126,7 +133,8 @@ def pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
     hit = (region.flatten(1).gather(1, at[:, None])[:, 0] > 0) & (flat.amax(1) > 0)
     return PairScores(rows, cls, hit.float(), _class_mean(hit.float(), cls, labels.shape[1]))
 
-def energy_pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, region: str = "box") -> PairScores:
+def energy_pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                         region: str = "box") -> PairScores:
     "Share of each present class's positive map energy inside that class's box or mask in `masks` [B, H, W]."
     rows, cls, masks, m = _pairs(maps, labels, masks)
     m = F.relu(m.float())
@@ -144,7 +152,8 @@ def update_pseudo_label_cm(cm: ConfusionMatrix, images: torch.Tensor, maps: torc
     return pred
 
 def pseudo_label_miou(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
-                      masks: torch.Tensor, num_classes: int, refine: bool = True, batch_size: int = 16, **kwargs) -> float:
+                      masks: torch.Tensor, num_classes: int, refine: bool = True, batch_size: int = 16,
+                      **kwargs) -> float:
     "mIoU (%) of the pseudo labels of `maps` [N, C, h, w] against `masks` [N, H, W], `num_classes` foreground classes."
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(images), batch_size):

@@ -19,7 +19,8 @@ __all__ = ['PALETTE', 'VOC_PALETTE', 'COCO_PALETTE', 'color_map', 'read_png', 'r
 
 # %% ../nbs/03_images.ipynb #0af83d1d
 def color_map(n: int = 256) -> np.ndarray:
-    "The PASCAL VOC colour map: uint8 `[n, 3]`, index `i`'s bits spread over R, G, B from the most significant bit down."
+    """The PASCAL VOC colour map: uint8 `[n, 3]`, index `i`'s bits spread over R, G, B from the most significant bit
+    down."""
     cmap = np.zeros((n, 3), np.uint8)
     for i in range(n):
         c, rgb = i, [0, 0, 0]
@@ -37,12 +38,16 @@ def _open(path: Path):
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     try:
-        im = Image.open(path); im.load(); return im
+        im = Image.open(path)
+        im.load()
+        return im
     except Exception as e:
-        raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); expected a readable JPEG or PNG file") from e
+        raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); "
+                         "expected a readable JPEG or PNG file") from e
 
 def read_png(path: str | Path) -> np.ndarray:
-    "A PNG as uint8: `[H, W]` indices for single-channel and palette PNGs (the palette is not applied), `[H, W, 3]` for RGB."
+    """A PNG as uint8: `[H, W]` indices for single-channel and palette PNGs (the palette is not applied), `[H, W, 3]`
+    for RGB."""
     im = _open(path)
     if im.mode in ("P", "L"): return np.asarray(im, dtype=np.uint8).copy()
     if im.mode in ("I", "I;16", "1"): return np.asarray(im).astype(np.uint8)
@@ -56,22 +61,28 @@ def read_image(path: str | Path) -> torch.Tensor:
 def write_palette_png(path: str | Path, mask, palette: np.ndarray = PALETTE) -> Path:
     "Write class indices `[H, W]` (0..255) as a palette PNG (VOC's `SegmentationClass` format), atomically."
     m = np.asarray(mask)
-    if m.ndim != 2 or m.min(initial=0) < 0 or m.max(initial=0) > 255: raise ValueError(f"{path}: expected a [H, W] mask with values in 0..255, got shape {m.shape}")
+    if m.ndim != 2 or m.min(initial=0) < 0 or m.max(initial=0) > 255:
+        raise ValueError(f"{path}: expected a [H, W] mask with values in 0..255, got shape {m.shape}")
     im = Image.fromarray(m.astype(np.uint8), mode="P")
-    pal = np.zeros((256, 3), np.uint8); p = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]; pal[:len(p)] = p
+    pal = np.zeros((256, 3), np.uint8)
+    p = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+    pal[:len(p)] = p
     im.putpalette(pal.flatten().tolist())
     with atomic_path(path) as t: im.save(t, format="PNG")
     return Path(path)
 
 def write_png(path: str | Path, array) -> Path:
-    "Write a uint8 `[H, W]` (single channel, e.g. `SegmentationClassAug`, saliency) or `[H, W, 3]` array as PNG, atomically."
+    """Write a uint8 `[H, W]` (single channel, e.g. `SegmentationClassAug`, saliency) or `[H, W, 3]` array as PNG,
+    atomically."""
     a = np.asarray(array)
     if a.dtype != np.uint8: raise ValueError(f"{path}: expected a uint8 array, got {a.dtype}")
     with atomic_path(path) as t: Image.fromarray(a).save(t, format="PNG")
     return Path(path)
 
 def write_jpeg(path: str | Path, image, quality: int = 90, subsampling: int = 2) -> Path:
-    "Write a uint8 `[H, W, 3]` array (or `[3, H, W]` tensor) as JPEG, atomically (`subsampling=0`: full-resolution colour)."
+    """Write a uint8 `[H, W, 3]` array (or `[3, H, W]` tensor) as JPEG, atomically (`subsampling=0`:
+    full-resolution colour)."""
     a = image.permute(1, 2, 0).numpy() if torch.is_tensor(image) else np.asarray(image)
-    with atomic_path(path) as t: Image.fromarray(a.astype(np.uint8)).save(t, format="JPEG", quality=quality, subsampling=subsampling)
+    with atomic_path(path) as t:
+        Image.fromarray(a.astype(np.uint8)).save(t, format="JPEG", quality=quality, subsampling=subsampling)
     return Path(path)

@@ -25,11 +25,13 @@ def _global_count(n: torch.Tensor) -> torch.Tensor:
 def _world() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Mean of `values` over `mask` pixels of the global (all-rank) batch; DDP's gradient averaging then gives the global mean."
+    """Mean of `values` over `mask` pixels of the global (all-rank) batch; DDP's gradient averaging then gives the
+    global mean."""
     return (values * mask).sum() * _world() / _global_count(mask.sum())
 
 def seg_loss(seg: torch.Tensor, target: torch.Tensor, kind: str = "ce") -> torch.Tensor:
-    "seg: [B, C+1, H, W] logits, target: [B, H, W] (255 ignored) → cross-entropy (`ce`) or background + foreground (`split`)."
+    """seg: [B, C+1, H, W] logits, target: [B, H, W] (255 ignored) → cross-entropy (`ce`) or background +
+    foreground (`split`)."""
     ce = F.cross_entropy(seg.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     valid = target != IGNORE_INDEX
     if kind == "ce": return masked_mean(ce, valid)

@@ -40,18 +40,23 @@ class ConfusionMatrix:
         if pred_ignore not in ("miss", "background", "skip"):
             raise ValueError(f"pred_ignore={pred_ignore!r}: expected 'miss', 'background' or 'skip'")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names, expected num_classes={num_classes} (background first)")
+            raise ValueError(f"class_names has {len(class_names)} names, "
+                             f"expected num_classes={num_classes} (background first)")
         self.num_classes, self.ignore_index, self.pred_ignore = num_classes, ignore_index, pred_ignore
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
         self.missed = torch.zeros(num_classes, dtype=torch.long, device=device)  # gt c, prediction 255 ("miss" mode)
 
     def reset(self) -> "ConfusionMatrix":
-        self.mat.zero_(); self.missed.zero_(); return self
+        self.mat.zero_()
+        self.missed.zero_()
+        return self
 
     def update(self, pred, gt, name: str | None = None) -> "ConfusionMatrix":
-        "Add `pred` and `gt` (int label maps of the same shape, `[H, W]` or `[B, H, W]`; tensors, arrays or PIL images)."
-        dev = pred.device if isinstance(pred, torch.Tensor) else gt.device if isinstance(gt, torch.Tensor) else self.mat.device
+        """Add `pred` and `gt` (int label maps of the same shape, `[H, W]` or `[B, H, W]`; tensors, arrays or PIL
+        images)."""
+        dev = (pred.device if isinstance(pred, torch.Tensor) else gt.device if isinstance(gt, torch.Tensor)
+               else self.mat.device)
         gt, pred = _as_tensor(gt, dev), _as_tensor(pred, dev)   # accumulate where the prediction lives
         what = f" ({name})" if name else ""
         if pred.shape != gt.shape:
@@ -77,17 +82,21 @@ class ConfusionMatrix:
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         "Add another matrix (e.g. from another worker)."
-        self.mat += other.mat.to(self.mat.device); self.missed += other.missed.to(self.mat.device); return self
+        self.mat += other.mat.to(self.mat.device)
+        self.missed += other.missed.to(self.mat.device)
+        return self
 
     def all_reduce(self) -> "ConfusionMatrix":
         "Sum the matrix over all DDP ranks (no-op without `torch.distributed`)."
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat); dist.all_reduce(self.missed)
+            dist.all_reduce(self.mat)
+            dist.all_reduce(self.missed)
         return self
 
     def iou(self) -> torch.Tensor:
         "Per-class IoU `[num_classes]` (float64; nan where the union is empty)."
-        m = self.mat.double(); tp = m.diag()
+        m = self.mat.double()
+        tp = m.diag()
         union = m.sum(1) + self.missed.double() + m.sum(0) - tp
         return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
@@ -100,9 +109,11 @@ class ConfusionMatrix:
         return float(self.missed.sum() / (self.mat.sum() + self.missed.sum()).clamp(min=1))
 
     def pixel_accuracy(self) -> float:
-        m = self.mat.double(); return float(m.diag().sum() / (m.sum() + self.missed.sum()).clamp(min=1))
+        m = self.mat.double()
+        return float(m.diag().sum() / (m.sum() + self.missed.sum()).clamp(min=1))
 
-    def __repr__(self): return f"ConfusionMatrix(num_classes={self.num_classes}, mIoU={self.miou():.4f}, pixels={int(self.mat.sum())})"
+    def __repr__(self):
+        return f"ConfusionMatrix(num_classes={self.num_classes}, mIoU={self.miou():.4f}, pixels={int(self.mat.sum())})"
 
 # %% ../nbs/32_metrics.ipynb #6333ae4d
 def iou_table(cm: ConfusionMatrix, class_names: Sequence[str] | None = None):
@@ -126,7 +137,10 @@ def plot_iou(cm_or_table, class_names: Sequence[str] | None = None, ax=None, tit
     if ax is None: _, ax = plt.subplots(figsize=(5, 0.25 * len(df) + 1))
     sns.barplot(data=df, y="class", x="IoU", ax=ax, color="tab:blue")
     ax.axvline(miou, ls="--", c="k", lw=1, label=f"mIoU {miou:.1f}")
-    ax.set_xlim(0, 100); ax.set_xlabel("IoU (%)"); ax.set_ylabel(""); ax.legend(loc="lower right")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    ax.set_ylabel("")
+    ax.legend(loc="lower right")
     if title: ax.set_title(title)
     return ax
 
@@ -152,7 +166,8 @@ def _gt_of(dataset, i):
     "Ground-truth mask and name of item `i`, without decoding the image when the data set keeps masks in a folder."
     ids, mask_dir = getattr(dataset, "ids", None), getattr(dataset, "mask_dir", None)
     if ids is not None and mask_dir is not None and getattr(dataset, "transform", None) is None:
-        name = str(ids[i]); return torch.from_numpy(read_png(Path(mask_dir) / f"{name}.png").astype(np.int64)), name
+        name = str(ids[i])
+        return torch.from_numpy(read_png(Path(mask_dir) / f"{name}.png").astype(np.int64)), name
     item = dataset[i]
     if "mask" not in item: raise ValueError(f"item {i} ({item.get('name')}) has no ground-truth mask (test split?)")
     return torch.as_tensor(item["mask"]), str(item.get("name", i))
@@ -162,17 +177,21 @@ class _MaskFolder:
     transform = None
     def __init__(self, mask_dir: Path, pred_dir: Path):
         self.mask_dir, self.ids = mask_dir, sorted(p.stem for p in pred_dir.glob("*.png"))
-        if not self.ids: raise FileNotFoundError(f"{pred_dir}: no label PNGs found; expected one {{name}}.png per image")
+        if not self.ids:
+            raise FileNotFoundError(f"{pred_dir}: no label PNGs found; expected one {{name}}.png per image")
         if missing := [n for n in self.ids if not (mask_dir / f"{n}.png").is_file()]:
-            raise FileNotFoundError(f"{mask_dir / (missing[0] + '.png')}: no ground truth for the label {missing[0]}.png of {pred_dir}")
+            raise FileNotFoundError(f"{mask_dir / (missing[0] + '.png')}: no ground truth for the label "
+                                    f"{missing[0]}.png of {pred_dir}")
     def __len__(self): return len(self.ids)
 
 def score_folder(pred_dir: str | Path, gt, num_classes: int | None = None, class_names: Sequence[str] | None = None,
                  pred_ignore: str = "miss", limit: int | None = None, progress: bool = True) -> ConfusionMatrix:
-    """Score `pred_dir/{name}.png` against the ground truth: every item of the dataset `gt`, or, when `gt` is a folder of
-    ground-truth PNGs, the PNGs of `pred_dir` against the files of the same name there (give `num_classes`)."""
+    """Score `pred_dir/{name}.png` against the ground truth: every item of the dataset `gt`, or, when `gt` is a folder
+    of ground-truth PNGs, the PNGs of `pred_dir` against the files of the same name there (give `num_classes`)."""
     pred_dir = Path(pred_dir)
-    if not pred_dir.is_dir(): raise FileNotFoundError(f"{pred_dir}: not found; expected a folder of predicted label PNGs, one {{name}}.png per image")
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"{pred_dir}: not found; expected a folder of predicted label PNGs, "
+                                f"one {{name}}.png per image")
     dataset = _MaskFolder(Path(gt), pred_dir) if isinstance(gt, (str, Path)) else gt
     class_names = list(class_names) if class_names is not None else _names_of(dataset)
     cm = ConfusionMatrix(num_classes or len(class_names), class_names, pred_ignore=pred_ignore)
@@ -180,9 +199,14 @@ def score_folder(pred_dir: str | Path, gt, num_classes: int | None = None, class
     for i in (progress_bar(range(n), leave=False) if progress else range(n)):
         gt, name = _gt_of(dataset, i)
         p = pred_dir / f"{name}.png"
-        if not p.is_file(): raise FileNotFoundError(f"{p}: not found; expected the prediction of image {name!r} ({n} images in the split, {len(list(pred_dir.glob('*.png')))} PNGs in the folder)")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; expected the prediction of image {name!r} "
+                                    f"({n} images in the split, "
+                                    f"{len(list(pred_dir.glob('*.png')))} PNGs in the folder)")
         pred = read_png(p)
-        if pred.ndim != 2: raise ValueError(f"{p}: expected a palette or single-channel PNG of class indices, got an RGB image {pred.shape}")
+        if pred.ndim != 2:
+            raise ValueError(f"{p}: expected a palette or single-channel PNG of class indices, "
+                             f"got an RGB image {pred.shape}")
         cm.update(torch.from_numpy(pred.astype(np.int64)), gt, name=str(p))
     return cm
 

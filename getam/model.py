@@ -60,8 +60,9 @@ class ResidualConvUnit(nn.Module):
     "ReLU–conv3×3–BN–ReLU–conv3×3–BN plus the input."
     def __init__(self, features: int):
         super().__init__()
-        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features),
-                                  nn.ReLU(), nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features))
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features),
+            nn.ReLU(), nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features))
 
     def forward(self, x): return x + self.body(x)
 
@@ -69,7 +70,8 @@ class FusionBlock(nn.Module):
     "Fuse this level's feature with the (resized) coarser path, refine, project."
     def __init__(self, features: int):
         super().__init__()
-        self.rcu1, self.rcu2, self.out = ResidualConvUnit(features), ResidualConvUnit(features), nn.Conv2d(features, features, 1)
+        self.rcu1, self.rcu2, self.out = (ResidualConvUnit(features), ResidualConvUnit(features),
+                                          nn.Conv2d(features, features, 1))
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         if prev is not None:
@@ -78,7 +80,8 @@ class FusionBlock(nn.Module):
 
 # %% ../nbs/50_model.ipynb #430bbebe
 class DPTDecoder(nn.Module):
-    "DPT decoder: reassemble four features to strides 4/8/16/32, fuse coarse to fine, head at stride 2 (`upsample`) or 4."
+    """DPT decoder: reassemble four features to strides 4/8/16/32, fuse coarse to fine, head at stride 2 (`upsample`)
+    or 4."""
     def __init__(self, in_channels: list[int], strides: list[int], num_outputs: int, features: int = 256,
                  readout: str = "project", vit_dim: int | None = None, n_tokens: int = 4, dropout: float = 0.1,
                  upsample: bool = True):
@@ -90,14 +93,16 @@ class DPTDecoder(nn.Module):
         self.n_cnn = n - n_tokens
         self.readouts = nn.ModuleList([Readout(c, readout) for c in in_channels[self.n_cnn:]])
         self.reassemble = nn.ModuleList([
-            nn.Conv2d(c, features, 3, padding=1, bias=False) if i < self.n_cnn else Reassemble(c, mids[i], features, s / 2 ** (i + 2))
+            nn.Conv2d(c, features, 3, padding=1, bias=False) if i < self.n_cnn
+            else Reassemble(c, mids[i], features, s / 2 ** (i + 2))
             for i, (c, s) in enumerate(zip(in_channels, strides))])
         self.fusion = nn.ModuleList([FusionBlock(features) for _ in range(n)])
-        self.head = nn.Sequential(nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features), nn.ReLU(),
-                                  nn.Dropout(dropout), nn.Conv2d(features, num_outputs, 1))
+        self.head = nn.Sequential(nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features),
+                                  nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(features, num_outputs, 1))
 
     def forward(self, feats: list[torch.Tensor], prefixes: list[torch.Tensor | None]) -> torch.Tensor:
-        "feats: [B, c_i, h_i, w_i] (CNN maps first, then ViT tokens on the grid), prefixes: prefix tokens of the ViT features."
+        """feats: [B, c_i, h_i, w_i] (CNN maps first, then ViT tokens on the grid), prefixes: prefix tokens of the ViT
+        features."""
         xs = [self.reassemble[i](f if i < self.n_cnn else self.readouts[i - self.n_cnn](f, prefixes[i - self.n_cnn]))
               for i, f in enumerate(feats)]
         y = None
@@ -112,7 +117,8 @@ def _hybrid_stages(vit: nn.Module) -> list[nn.Module] | None:
     stages = getattr(cnn, "stages", None)
     return list(stages)[:2] if stages is not None and len(stages) >= 3 else None
 
-def _build_backbone(backbone: str, num_classes: int, img_size: int, pretrained: bool, weights, cls_head: str, **kw) -> nn.Module:
+def _build_backbone(backbone: str, num_classes: int, img_size: int, pretrained: bool, weights, cls_head: str,
+                    **kw) -> nn.Module:
     "A timm ViT through `getam.backbones.create_backbone` (local weights, hybrid handling)."
     pool = {"token": "token", "pooled": "avg"}[cls_head]
     return create_backbone(backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained, weights=weights,
@@ -130,14 +136,16 @@ class GetamSegmenter(nn.Module):
         if isinstance(backbone, str):
             backbone = _build_backbone(backbone, num_classes, img_size, pretrained, weights, cls_head, **backbone_kw)
         if not hasattr(backbone, "blocks") or not hasattr(backbone, "forward_intermediates"):
-            raise ValueError(f"backbone {type(backbone).__name__} is not a timm VisionTransformer (needs .blocks and .forward_intermediates)")
+            raise ValueError(f"backbone {type(backbone).__name__} is not a timm VisionTransformer "
+                             "(needs .blocks and .forward_intermediates)")
         self.backbone, self.num_classes = backbone, num_classes
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.features = features or (256 if dim >= 768 else max(32, dim // 3))
         stages = _hybrid_stages(backbone)
         hooks = list(hooks) if hooks is not None else default_hooks(depth)
         self.vit_hooks = hooks[2:] if stages else hooks
-        if any(not 0 <= h < depth for h in self.vit_hooks): raise ValueError(f"hooks {hooks} out of range for {depth} blocks")
+        if any(not 0 <= h < depth for h in self.vit_hooks):
+            raise ValueError(f"hooks {hooks} out of range for {depth} blocks")
         stride = backbone.patch_embed.patch_size[0]
         if stages:  # ViT-Hybrid: ResNet stages 1-2 for the two finest levels
             info = {f["module"]: f for f in backbone.patch_embed.backbone.feature_info}
@@ -158,7 +166,9 @@ class GetamSegmenter(nn.Module):
         final, inter = self.backbone.forward_intermediates(x, indices=self.vit_hooks, return_prefix_tokens=True)
         cls = self.backbone.forward_head(final)
         feats, prefixes = [f for f, _ in inter], [p for _, p in inter]
-        if self.is_hybrid: feats = self._stash[:2] + feats; self._stash.clear()
+        if self.is_hybrid:
+            feats = self._stash[:2] + feats
+            self._stash.clear()
         seg = self.decoder(feats, prefixes)
         return cls, F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
 

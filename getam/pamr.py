@@ -18,8 +18,10 @@ __all__ = ['local_affinity', 'pamr', 'propagate']
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 def _shifted(x: torch.Tensor, dilations: Sequence[int], center: bool = False) -> list[torch.Tensor]:
-    "Views of `x: [..., H, W]` (replicate-padded once) shifted to each neighbour at each dilation (and the centre if asked)."
-    H, W = x.shape[-2:]; P = max(dilations)
+    """Views of `x: [..., H, W]` (replicate-padded once) shifted to each neighbour at each dilation (and the centre if
+    asked)."""
+    H, W = x.shape[-2:]
+    P = max(dilations)
     lead = x.shape[:-2]
     xp = F.pad(x.reshape(-1, 1, H, W), [P] * 4, mode="replicate").reshape(*lead, H + 2 * P, W + 2 * P)
     offs = ((0, 0),) + _NEIGHBOURS if center else _NEIGHBOURS
@@ -27,7 +29,8 @@ def _shifted(x: torch.Tensor, dilations: Sequence[int], center: bool = False) ->
 
 # %% ../nbs/22_pamr.ipynb #874008b7
 def local_affinity(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
-    "PAMR's neighbour weights for `image: [B, 3, H, W]`: softmax over the 8 neighbours of every dilation, `[8*len(dilations), B, H, W]`."
+    """PAMR's neighbour weights for `image: [B, 3, H, W]`: softmax over the 8 neighbours of every dilation,
+    `[8*len(dilations), B, H, W]`."""
     x = image.float()
     win = _shifted(x, dilations, center=True)
     mean = torch.zeros_like(x)
@@ -46,19 +49,24 @@ def local_affinity(image: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 
 # %% ../nbs/22_pamr.ipynb #dc165d77
 def pamr(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10,
          align_corners: bool = False) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (1-stage-wseg) of `masks: [B, K, h, w]` on `image: [B, 3, H, W]` -> `[B, K, H, W]`.
+    """Pixel-adaptive mask refinement (1-stage-wseg) of `masks: [B, K, h, w]` on `image: [B, 3, H, W]`
+    -> `[B, K, H, W]`.
 
     Masks of another size are first resized to the image (bilinear; 1-stage-wseg uses `align_corners=True`, GETAM's
-    released code resizes the maps to the crop before PAMR, so it never resizes here). Runs on the image's device, in float32."""
+    released code resizes the maps to the crop before PAMR, so it never resizes here). Runs on the image's device, in
+    float32."""
     if image.ndim != 4 or masks.ndim != 4 or image.shape[0] != masks.shape[0]:
-        raise ValueError(f"pamr: expected image [B, 3, H, W] and masks [B, K, h, w] with the same B, got {tuple(image.shape)} and {tuple(masks.shape)}")
+        raise ValueError(f"pamr: expected image [B, 3, H, W] and masks [B, K, h, w] with the same B, "
+                         f"got {tuple(image.shape)} and {tuple(masks.shape)}")
     H, W = image.shape[-2:]
     m = masks.to(image.device).float()
     if m.shape[-2:] != (H, W): m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners)
     return propagate(local_affinity(image, dilations), m, dilations, iters)
 
-def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10) -> torch.Tensor:
-    "PAMR's iterations: `masks: [B, K, H, W]` ← the `aff: [8*len(dilations), B, H, W]`-weighted sum of their neighbours, `iters` times."
+def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+              iters: int = 10) -> torch.Tensor:
+    """PAMR's iterations: `masks: [B, K, H, W]` ← the `aff: [8*len(dilations), B, H, W]`-weighted sum of their
+    neighbours, `iters` times."""
     m = masks
     for _ in range(iters):
         sh = _shifted(m, dilations)
@@ -71,7 +79,8 @@ def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] =
 def _pamr_numpy(image: np.ndarray, masks: np.ndarray, dilations=(1, 2, 4, 8, 12, 24), iters: int = 10) -> np.ndarray:
     "PAMR for one image as in 1-stage-wseg, in NumPy: `image [3, H, W]`, `masks [K, H, W]`."
     def stack(x, center):   # [..., P, H, W]: the shifted copies, dilation by dilation, replicate padding
-        H, W = x.shape[-2:]; out = []
+        H, W = x.shape[-2:]
+        out = []
         for d in dilations:
             xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(d, d), (d, d)], mode="edge")
             for dy, dx in (((0, 0),) if center else ()) + _NEIGHBOURS:
@@ -80,7 +89,8 @@ def _pamr_numpy(image: np.ndarray, masks: np.ndarray, dilations=(1, 2, 4, 8, 12,
     x = image.astype(np.float32)
     std = stack(x, True).std(-3, ddof=1, keepdims=True)
     aff = (-np.abs(x[:, None] - stack(x, False)) / (1e-8 + 0.1 * std)).mean(0)
-    aff = np.exp(aff - aff.max(0, keepdims=True)); aff /= aff.sum(0, keepdims=True)
+    aff = np.exp(aff - aff.max(0, keepdims=True))
+    aff /= aff.sum(0, keepdims=True)
     m = masks.astype(np.float32)
     for _ in range(iters): m = (stack(m, False) * aff[None]).sum(1)
     return m

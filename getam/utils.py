@@ -18,16 +18,20 @@ __all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'time_side_by_side',
 # %% ../nbs/01_utils.ipynb #329a91e7
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and torch (all devices)."
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 # %% ../nbs/01_utils.ipynb #23a099b3
 @contextmanager
 def atomic_path(path: str | Path):
     "Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0); os.umask(umask)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
@@ -43,7 +47,9 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 5, wa
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 # %% ../nbs/01_utils.ipynb #abce7268
@@ -59,7 +65,8 @@ def format_timings(times: dict[str, float], baseline: str | None = None) -> str:
 USER_ERRORS = (OSError, ValueError, KeyError, EOFError)   # what a bad path, file, value or checkpoint raises here
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
-    "Run a command's `main(argv)`: user errors (`USER_ERRORS`) print `error: ...` on stderr and exit 2, unless `--debug` / `GETAM_DEBUG=1`."
+    """Run a command's `main(argv)`: user errors (`USER_ERRORS`) print `error: ...` on stderr and exit 2, unless
+    `--debug` / `GETAM_DEBUG=1`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("GETAM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -32,7 +32,8 @@ def colorize(m: np.ndarray, cmap: str = "jet", signed: bool = False) -> np.ndarr
     rgba = colormaps[cmap](np.clip(v, 0, 1))
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
-def overlay(image: np.ndarray, m: np.ndarray, opacity: float = 0.5, cmap: str = "jet", signed: bool = False) -> np.ndarray:
+def overlay(image: np.ndarray, m: np.ndarray, opacity: float = 0.5, cmap: str = "jet",
+            signed: bool = False) -> np.ndarray:
     "Blend the colour of map `m` [h, w] (resized bilinearly to the image) over `image` uint8 [H, W, 3]."
     H, W = image.shape[:2]
     big = cams.resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None, None], (H, W))[0, 0].numpy()
@@ -43,7 +44,8 @@ def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:
     "PNG encoding of uint8 RGB [H, W, 3], enlarged `scale` times (nearest) for display."
     im = PILImage.fromarray(rgb)
     if scale > 1: im = im.resize((im.width * scale, im.height * scale), PILImage.NEAREST)
-    buf = io.BytesIO(); im.save(buf, format="PNG")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     return buf.getvalue()
 
 # %% ../nbs/70_widgets.ipynb #9d3c6a81
@@ -72,10 +74,12 @@ def image_maps(model: nn.Module, image: torch.Tensor, layers=None, baselines: Se
 
 # %% ../nbs/70_widgets.ipynb #2d126eb3
 class LayerExplorer:
-    "ipywidgets UI over `dataset` (dict items with `image`, `label`) showing GETAM and its ingredients of `model`, block by block."
+    """ipywidgets UI over `dataset` (dict items with `image`, `label`) showing GETAM and its ingredients of `model`,
+    block by block."""
     def __init__(self, model: nn.Module, dataset, indices: Sequence[int] | None = None, layers=None,
-                 baselines: Sequence[str] = tuple(BASELINES), cnn: nn.Module | None = None, class_names: Sequence[str] | None = None,
-                 mean=None, std=None, scale: int | None = None, opacity: float = 0.5, cmap: str = "jet", max_images: int = 200):
+                 baselines: Sequence[str] = tuple(BASELINES), cnn: nn.Module | None = None,
+                 class_names: Sequence[str] | None = None, mean=None, std=None, scale: int | None = None,
+                 opacity: float = 0.5, cmap: str = "jet", max_images: int = 200):
         import ipywidgets as W
         self.model, self.dataset, self.layers, self.cnn, self.cmap = model.eval(), dataset, layers, cnn, cmap
         bad = [b for b in baselines if b not in BASELINES]
@@ -84,7 +88,8 @@ class LayerExplorer:
         if mean is None and std is None: mean, std = norm_stats(model)
         self.normalize, self.mean, self.std = Normalize(mean, std), mean, std
         self.indices = list(range(min(len(dataset), max_images))) if indices is None else list(indices)
-        if not self.indices: raise ValueError("LayerExplorer: the dataset (or `indices`) is empty; expected at least one image")
+        if not self.indices:
+            raise ValueError("LayerExplorer: the dataset (or `indices`) is empty; expected at least one image")
         names = getattr(dataset, "ids", None)
         self.class_names = list(class_names or getattr(dataset, "class_names", None) or [])
         self.cache: dict[int, dict] = {}
@@ -104,7 +109,8 @@ class LayerExplorer:
         self._load(self.indices[0])
         for w in (self.image_picker, self.class_picker, self.map_picker, self.layer_slider, self.opacity):
             w.observe(self._changed, names="value")
-        self.widget = W.HBox([W.VBox([self.image_picker, self.class_picker, self.map_picker, self.layer_slider, self.opacity, self.info]),
+        self.widget = W.HBox([W.VBox([self.image_picker, self.class_picker, self.map_picker, self.layer_slider,
+                                      self.opacity, self.info]),
                               self.image])
         self.render()
 
@@ -116,7 +122,8 @@ class LayerExplorer:
             x = it["image"]
             if x.dtype == torch.uint8: shown, x = x, self.normalize(dict(image=x))["image"]
             else: shown = denormalize(x, self.mean, self.std)
-            self._items[idx] = (shown.permute(1, 2, 0).numpy(), x.float(), torch.as_tensor(it.get("label", torch.zeros(0))))
+            self._items[idx] = (shown.permute(1, 2, 0).numpy(), x.float(),
+                                torch.as_tensor(it.get("label", torch.zeros(0))))
         return self._items[idx]
 
     def maps(self, idx: int) -> dict:
@@ -124,8 +131,8 @@ class LayerExplorer:
         if idx not in self.cache:
             _, x, _ = self.item(idx)
             dev = next(self.model.parameters()).device
-            self.cache[idx] = image_maps(self.model, x.to(dev), self.layers, self.baselines,
-                                         self.cnn, x.to(next(self.cnn.parameters()).device) if self.cnn is not None else None)
+            self.cache[idx] = image_maps(self.model, x.to(dev), self.layers, self.baselines, self.cnn,
+                                         x.to(next(self.cnn.parameters()).device) if self.cnn is not None else None)
         return self.cache[idx]
 
     def _class_name(self, c: int) -> str:
@@ -140,7 +147,8 @@ class LayerExplorer:
         order = present + [c for c in range(C) if c not in present]
         self._busy = True
         try:
-            self.class_picker.options = [(f"{self._class_name(c)} ✓" if c in present else self._class_name(c), c) for c in order]
+            self.class_picker.options = [(f"{self._class_name(c)} ✓" if c in present else self._class_name(c), c)
+                                         for c in order]
             self.class_picker.value = order[0]
             old = self.layer_slider.value
             self.layer_slider.options = [(f"{l}", i) for i, l in enumerate(r["layers"])] + [("sum", "sum")]
@@ -150,7 +158,8 @@ class LayerExplorer:
     # ---- the shown map --------------------------------------------------------------------------
     def current_map(self) -> tuple[np.ndarray, bool]:
         "The map the controls select, float32 [h, w] on the patch grid, and whether it is signed."
-        r, c, kind, layer = self.maps(self.image_picker.value), self.class_picker.value, self.map_picker.value, self.layer_slider.value
+        r, c, kind, layer = (self.maps(self.image_picker.value), self.class_picker.value,
+                             self.map_picker.value, self.layer_slider.value)
         if kind == "GETAM": return (r["getam"][c] if layer == "sum" else r["per_layer"][layer, c]), False
         if kind == "A_CLS": return (r["a_cls"].sum(0) if layer == "sum" else r["a_cls"][layer]), False
         if kind == "∇A_CLS": return (r["grad_cls"][:, c].sum(0) if layer == "sum" else r["grad_cls"][layer, c]), True
@@ -163,11 +172,13 @@ class LayerExplorer:
         self.map = m
         self.layer_slider.disabled = self.map_picker.value not in LAYERED
         scale = self.scale or max(1, 256 // max(shown.shape[:2]))
-        if scale > 1: shown = shown.repeat(scale, 0).repeat(scale, 1)      # enlarge the image (nearest), the map bilinearly
+        # enlarge the image (nearest), the map bilinearly
+        if scale > 1: shown = shown.repeat(scale, 0).repeat(scale, 1)
         self.image.value = png_bytes(overlay(shown, m, self.opacity.value, "bwr" if signed else self.cmap, signed))
         r, c = self.maps(self.image_picker.value), self.class_picker.value
         present = "present" if label.numel() > c and label[c] > 0 else "absent"
-        self.info.value = (f"<b>{self.map_picker.value}</b> · block {self.layer_slider.value} · {self._class_name(c)} ({present}) · "
+        self.info.value = (f"<b>{self.map_picker.value}</b> · block {self.layer_slider.value} · "
+                           f"{self._class_name(c)} ({present}) · "
                            f"logit {r['logits'][c]:.2f} · max {float(np.abs(m).max()):.3g}")
         return self.image.value
 
