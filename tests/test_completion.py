@@ -1,4 +1,5 @@
 "Tests of getam.completion: PAMR against a per-pixel reference, each rule of Eq. 4 and Eq. 5, batched vs per-image completion."
+import math
 import sys
 
 import numpy as np
@@ -60,6 +61,16 @@ def test_pamr_resizes_masks_and_keeps_constants():
     up = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(pamr(img, small), pamr(img, up))
     torch.testing.assert_close(pamr(img, torch.full((1, 1, 16, 16), 0.7)), torch.full((1, 1, 16, 16), 0.7))  # weights sum to 1
+    # and it refines: one propagation step on a 1x2 image, by hand. With replicate padding each pixel's 8 neighbours
+    # at dilation 1 are 5 copies of itself and 3 of the other pixel; its window (centre + 8): 6 of itself, 3 others.
+    mask = torch.tensor([[[[1., 0.]]]])
+    flat = torch.full((1, 3, 1, 2), 0.5)                   # one colour: std 0, every neighbour weighs 1/8
+    torch.testing.assert_close(pamr(flat, mask, dilations=(1,), iters=1), torch.tensor([[[[5 / 8, 3 / 8]]]]))
+    torch.testing.assert_close(pamr(flat, mask, dilations=(1,), iters=2), torch.tensor([[[[34 / 64, 30 / 64]]]]))
+    edge = torch.zeros(1, 3, 1, 2); edge[0, 0, 0, 0] = 1   # red | black: red std 1/2, so the other pixel's logit is
+    e = math.exp(-1 / (0.1 * 0.5 + 1e-8) / 3)              # -|1 - 0| / (0.1 std) averaged over the 3 channels = -20/3
+    by_hand = torch.tensor([[[[5 / (5 + 3 * e), 3 * e / (5 + 3 * e)]]]])   # 0.99924 | 0.00076: almost nothing crosses
+    torch.testing.assert_close(pamr(edge, mask, dilations=(1,), iters=1), by_hand, rtol=1e-5, atol=1e-8)
 
 
 def test_pamr_moves_mass_along_colour_region_not_across_edge():

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from getam.classes import COCO_CLASSES, VOC_CLASSES, norm_stats
+from getam.classes import COCO_CLASSES, SYNTH_CLASSES, VOC_CLASSES, norm_stats
 from getam.data import (COCODataset, CenterCrop, Compose, LongSideResize, Normalize, RandomCrop, RandomHFlip,
                         RandomLongSideResize, VOCDataset, coco_class_mask, collate, denormalize, eval_transform,
                         load_dataset, main, train_transform, voc_cls_labels)
 from getam.images import PALETTE, read_image, read_png, write_palette_png, write_png
+from getam.synth import make_synthvoc
 
 
 # ---------------------------------------------------------------- fixtures
@@ -119,12 +120,34 @@ def test_sbd_lines_palette_fallback_test_split_and_int_keys(voc):
     assert (it["mask"].numpy() == masks["2008_000003"]).all() and it["label"].argmax().item() == 2
 
 
-def test_load_dataset_dispatch(voc, tmp_path, monkeypatch):
+def test_load_dataset_dispatch(voc, coco, tmp_path, monkeypatch):
+    "Each name: its class, on the given root and split, with its class names and settings keys; root=None: settings.ini."
     r, _, _ = voc
     assert isinstance(load_dataset("voc", r, "val"), VOCDataset)
     (tmp_path / "settings.ini").write_text(f"[getam]\nvoc_root = {r}\n")
     monkeypatch.chdir(tmp_path)
     assert len(load_dataset("voc", split="train")) == 2
+    ds = load_dataset("voc", r, "val")
+    assert type(ds) is VOCDataset and (ds.root, ds.split, ds.root_key) == (r, "val", "voc_root")
+    assert ds.ids == ["2008_000003"]
+    assert ds.class_names == list(VOC_CLASSES) and ds.saliency_root is None
+    cr, _ = coco
+    ds = load_dataset("coco", cr, "mini", transform=Normalize())
+    assert type(ds) is COCODataset and (ds.root, ds.split, ds.ids, ds.root_key) == (cr, "mini", [1], "coco_root")
+    assert ds.class_names == ["background", "cat", "dog", "zebra"] and isinstance(ds.transform, Normalize)
+    sr = make_synthvoc(tmp_path / "synth", seed=0, n_train=2, n_val=1, size=32)
+    ds = load_dataset("synth", sr, "train", saliency_root=sr / "SaliencyMaps")
+    assert type(ds) is VOCDataset and (ds.root, ds.split, ds.root_key) == (sr, "train", "synth_root")
+    assert ds.ids == ["train_000000", "train_000001"] and ds.class_names == list(SYNTH_CLASSES)
+    assert ds.saliency_key == "synth_saliency_root" and ds.saliency_root == sr / "SaliencyMaps"
+    item = ds[1]
+    assert item["name"] == "train_000001" and item["saliency"].shape == (32, 32)
+    assert item["label"].shape == (len(SYNTH_CLASSES) - 1,)
+    (tmp_path / "settings.ini").write_text(f"[getam]\nvoc_root = {r}\ncoco_root = {cr}\nsynth_root = {sr}\n")
+    for name, split, root in (("voc", "val", r), ("coco", "mini", cr), ("synth", "val", sr)):   # root=None: {name}_root
+        ds = load_dataset(name, split=split)
+        assert (ds.root, ds.split) == (root, split), name
+    with pytest.raises(ValueError, match="unknown dataset 'VOC'; valid: voc, coco, synth"): load_dataset("VOC", r)
 
 
 @pytest.mark.parametrize("setup, split, kw, match", [

@@ -1,5 +1,6 @@
-"""The package is layered (DESIGN.md §3): a module imports only from its own layer or the layers below, at module top,
-and the imports between getam's modules form no circle."""
+"""The package is layered as the table "The notebooks, layer by layer" of nbs/index.ipynb (and README.md) shows: a
+module imports only from its own layer or the layers below, at module top, and the imports between getam's modules form
+no circle."""
 import ast
 from pathlib import Path
 
@@ -13,7 +14,8 @@ LAYERS = {
     2: ["cams", "pamr", "completion", "crf", "metrics", "faithfulness"],           # the method
     3: ["model", "deeplab"],                                                       # models
     4: ["losses", "loop", "step", "infer", "train", "multistage", "classify", "pretrain"],   # training
-    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench", "gpucheck", "cli"],  # entry points
+    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench",  # entry points
+        "gpucheck"],
 }
 LAYER = {m: k for k, ms in LAYERS.items() for m in ms}
 

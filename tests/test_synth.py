@@ -139,8 +139,16 @@ def _cls(s):
 
 
 def test_cli_voc_and_bad_arguments(tmp_path, capsys):
-    main(["--out", str(tmp_path / "v"), "--n-train", "2", "--n-val", "1", "--size", "64", "--quiet"])
+    "The CLI writes, byte for byte, what make_synthvoc writes with --seed, --n-train, --n-val and --size (no default)."
+    main(["--out", str(tmp_path / "v"), "--seed", "7", "--n-train", "2", "--n-val", "1", "--size", "64", "--quiet"])
     assert read_png(tmp_path / "v" / "SegmentationClassAug" / "train_000001.png").shape == (64, 64)
+    written = _files(tmp_path / "v")
+    assert written == _files(make_synthvoc(tmp_path / "ref", seed=7, n_train=2, n_val=1, size=64))
+    jpegs = sorted(p.name for p in (tmp_path / "v" / "JPEGImages").iterdir())
+    assert jpegs == ["train_000000.jpg", "train_000001.jpg", "val_000000.jpg"]
+    assert json.loads(written["synthvoc.json"])["seed"] == 7
+    seed8 = _files(make_synthvoc(tmp_path / "s8", seed=8, n_train=2, n_val=1, size=64))
+    assert set(seed8) == set(written) and all(seed8[k] != written[k] for k in written if k.startswith("JPEGImages/"))
     with pytest.raises(ValueError, match="unknown format 'yolo'; valid: voc, coco"): make_synthvoc(tmp_path / "x", fmt="yolo")
     with pytest.raises(ValueError, match="size=8: expected at least 32"): make_synthvoc(tmp_path / "x", size=8)
     with pytest.raises(SystemExit): main(["--format", "yolo"])

@@ -1,5 +1,5 @@
 "Single-stage training: one double-backward step, single- vs two-forward gradients, exact resume, DDP, AMP, bad parameters, the papermill job."
-import json, os, socket
+import json, math, os, socket
 from pathlib import Path
 
 import pytest
@@ -8,11 +8,30 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
+from getam.data import eval_transform, load_dataset
+from getam.experiments import load_run
+from getam.infer import evaluate_segmenter
 from getam.losses import seg_loss
+from getam.metrics import score_folder
 from getam.step import class_token_saliency, lr_at, step_losses, two_forward_losses
 from getam.train import TrainConfig, arg_parser, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_reported_metrics(m: dict, run_dir: Path, val_ds, pseudo_gt=None):
+    """What a run reports is what its files hold: `pseudo_miou` (and per-class IoU) is the score of the written
+    pseudo-label PNGs against the ground truth `pseudo_gt` (a data set or a folder of masks), `val_miou` that of the
+    saved checkpoint re-evaluated on `val_ds` (a data set, or a function of the loaded run). Exact: the same integer
+    counts give the same float."""
+    run = load_run(run_dir)
+    if pseudo_gt is not None:
+        K = run["model"].num_classes + 1
+        cm = score_folder(run_dir / "pseudo_labels", pseudo_gt, num_classes=K, progress=False)
+        assert cm.miou() == m["pseudo_miou"]
+        assert [None if math.isnan(v) else v for v in cm.iou().tolist()] == list(m["pseudo_iou"].values())   # NaN: null
+    val = val_ds(run) if callable(val_ds) else val_ds
+    assert evaluate_segmenter(run["model"], val).miou() == m["val_miou"]
 
 
 def test_double_backward_step_changes_weights_and_losses_finite():
@@ -120,6 +139,7 @@ def test_amp_bf16_on_cpu_runs(tmp_path, monkeypatch):
     assert len(r["log"]) == 4 and all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"])
     assert r["log"][-1]["phase"] == 2 and 0 <= r["metrics"]["val_miou"] <= 1
     assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes
+    _check_reported_metrics(r["metrics"], tmp_path / "bf16", toy_items(2))   # fp32 weights, evaluated outside autocast
     dtypes.clear()
     full = train(tiny_config(out_dir=str(tmp_path / "fp32"), write_pseudo=False), train_ds=toy_items(8))
     assert set(dtypes) == {torch.float32} and full["log"][0]["loss"] != r["log"][0]["loss"]   # amp changes the arithmetic
@@ -188,6 +208,11 @@ def tiny_synth(tmp_path_factory):
             make_synthvoc(d / "coco", seed=0, n_train=8, n_val=4, size=64, fmt="coco", progress=False))
 
 
+def _val_split(root: Path, dataset: str):
+    "The val split of a run's data, normalised as the run normalised it (its backbone's statistics)."
+    return lambda run: load_dataset(dataset, root, "val", transform=eval_transform(mean=run["mean"], std=run["std"]))
+
+
 TINY = dict(epochs=2, batch_size=4, crop_size=64, depth=4, threads=1, progress=False, pretrained=False)   # a 4-block ViT: from scratch
 
 
@@ -201,6 +226,7 @@ def test_papermill_runs_the_main_job(tiny_synth, tmp_path):
     assert {"dataset", "backbone", "epochs", "pseudo_miou", "val_miou", "wall_time_s"} <= set(m)
     assert m["dataset"] == "synth" and m["epochs"] == 2 and 0 <= m["pseudo_miou"] <= 1 and 0 <= m["val_miou"] <= 1
     assert len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8 and (tmp_path / "run" / "curves.png").is_file()
+    _check_reported_metrics(m, tmp_path / "run", _val_split(voc, "synth"), voc / "SegmentationClassAug")
     with pytest.raises(pm.PapermillExecutionError, match="valid: voc, coco, synth"):
         pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "bad.ipynb"), kernel_name="python3", cwd=str(ROOT),
                             parameters=dict(dataset="pascal"), progress_bar=False)
@@ -213,6 +239,7 @@ def test_coco_format_end_to_end(tiny_synth, tmp_path):
     m = r["metrics"]
     assert m["dataset"] == "coco" and m["n_train"] == 8 and m["n_val"] == 4 and 0 <= m["val_miou"] <= 1
     assert len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8
+    _check_reported_metrics(m, tmp_path / "run", _val_split(coco, "coco"), load_dataset("coco", coco, "train"))
 
 
 @pytest.mark.slow
@@ -221,6 +248,7 @@ def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_pat
     r = train(make_config(data_root=str(voc), saliency="attention", saliency_root=str(tmp_path / "no-such-dir"),
                           out_dir=str(tmp_path / "run"), **TINY))
     assert 0 <= r["metrics"]["pseudo_miou"] <= 1 and len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8
+    _check_reported_metrics(r["metrics"], tmp_path / "run", _val_split(voc, "synth"), voc / "SegmentationClassAug")
 
 
 def test_train_notebook_documents_the_synth_preset():
