@@ -15,6 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
 from .images import read_png
+from .utils import require_extra
 
 
 # %% auto #0
@@ -118,7 +119,7 @@ class ConfusionMatrix:
 # %% ../nbs/32_metrics.ipynb #6333ae4d
 def iou_table(cm: ConfusionMatrix, class_names: Sequence[str] | None = None):
     "A pandas DataFrame: one row per class (IoU in %, ground-truth and predicted pixels) and a final `mIoU` row."
-    import pandas as pd
+    pd = require_extra("pandas", needed_by="iou_table")
     names = list(class_names) if class_names is not None else cm.class_names
     m = cm.mat.double().cpu()
     df = pd.DataFrame({"class": names, "IoU": (cm.iou().cpu() * 100).numpy(),
@@ -131,7 +132,8 @@ def iou_table(cm: ConfusionMatrix, class_names: Sequence[str] | None = None):
 # %% ../nbs/32_metrics.ipynb #86f10934
 def plot_iou(cm_or_table, class_names: Sequence[str] | None = None, ax=None, title: str | None = None):
     "Horizontal bar plot of per-class IoU (%) with class names; the dashed line is the mIoU. Returns the axes."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt
+    sns = require_extra("seaborn", needed_by="plot_iou")
     df = iou_table(cm_or_table, class_names) if isinstance(cm_or_table, ConfusionMatrix) else cm_or_table
     miou, df = df.loc["mIoU", "IoU"], df.drop(index="mIoU").reset_index()
     if ax is None: _, ax = plt.subplots(figsize=(5, 0.25 * len(df) + 1))
@@ -158,7 +160,7 @@ def metrics(cms: dict[str, ConfusionMatrix] | ConfusionMatrix) -> dict:
 
 def summary_table(cms: dict[str, ConfusionMatrix]):
     "Per-class IoU (%) of every protocol side by side (a pandas DataFrame, last row mIoU)."
-    import pandas as pd
+    pd = require_extra("pandas", needed_by="summary_table")
     return pd.DataFrame({k: iou_table(cm)["IoU"] for k, cm in cms.items()}).round(2)
 
 # %% ../nbs/32_metrics.ipynb #6c7b6768

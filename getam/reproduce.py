@@ -15,7 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from .experiments import (BACKBONES, REDUCED_EPOCHS, SEEDS, backbone_run, classifier, coco_run, dataset_root,
                                deeplab_run, main_run, markdown_table, oracle_run, runs_root, synth_coco_root,
                                trained_run)
-from .utils import run_cli
+from .utils import require_extra, run_cli
 
 
 # %% auto #0
@@ -141,7 +141,8 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
     """Train the shared models (`pretrain`: in `workers` processes, `threads // workers` threads each),
     then run the reproduce notebooks through papermill with `threads` threads (`params`: extra parameters
     for every notebook); returns the summary DataFrame (notebook, status, seconds, outputs, error)."""
-    import pandas as pd, papermill as pm
+    pd = require_extra("pandas", needed_by="getam.reproduce")
+    pm = require_extra("papermill", needed_by="getam.reproduce")
     nbs = reproduce_notebooks(nb_dir, only)
     out, runs = Path(out).resolve(), runs_root(runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)

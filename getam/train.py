@@ -4,7 +4,7 @@
 
 # %% ../nbs/65_train.ipynb #f59c0be1
 from __future__ import annotations
-import argparse, dataclasses, json, time
+import argparse, dataclasses, itertools, json, math, time
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -263,23 +263,39 @@ def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> di
 
 
 # %% ../nbs/65_train.ipynb #dbea369f
+def _numbers(log: list[dict], key: str) -> tuple[list[float], list[float]]:
+    "Steps and values of `key` in the rows where it is a finite number (the log writes '' where a loss is absent)."
+    steps, values = [], []
+    for row in log:
+        try: v = float(row.get(key, ""))
+        except (TypeError, ValueError): continue
+        if math.isfinite(v): steps.append(float(row["step"])); values.append(v)
+    return steps, values
+
+def _running_mean(values: list[float], width: int) -> list[float]:
+    "Mean of each value and the `width - 1` before it (fewer at the start)."
+    sums = list(itertools.accumulate(values, initial=0.0))   # sums[i]: the sum of the first i values
+    means = []
+    for end in range(1, len(sums)):
+        start = max(0, end - width)
+        means.append((sums[end] - sums[start]) / (end - start))
+    return means
+
 def plot_curves(log: list[dict], val_hist: list[dict] | None = None, path: str | Path | None = None):
     "Loss components per step (smoothed) and validation mIoU per evaluation; saved to `path` if given. Returns the figure."
-    import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
-    df = pd.DataFrame(log)
+    import matplotlib.pyplot as plt   # matplotlib alone: the core install draws the curves of every run
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
-    if len(df):
-        long = df.melt(id_vars=["step", "phase"], value_vars=[c for c in ("cls_loss", "seg_loss", "sal_loss") if c in df], var_name="loss", value_name="value")
-        long["value"] = pd.to_numeric(long["value"], errors="coerce"); long = long.dropna()
-        w = max(1, len(df) // 50)
-        long["smoothed"] = long.groupby("loss")["value"].transform(lambda s: s.rolling(w, min_periods=1).mean())
-        sns.lineplot(data=long, x="step", y="smoothed", hue="loss", ax=axs[0])
-        p2 = df.loc[pd.to_numeric(df["phase"]) == 2, "step"]
-        if len(p2): axs[0].axvline(float(p2.iloc[0]), ls="--", c="grey", lw=1, label="segmentation on")
-        axs[0].set_ylabel("loss"); axs[0].set_title("training losses")
-    vh = pd.DataFrame(val_hist or [])
-    if len(vh): sns.lineplot(data=vh, x="step", y="val_miou", marker="o", ax=axs[1])
-    axs[1].set_title("validation mIoU"); axs[1].set_ylim(0, 1)
+    if log:
+        width = max(1, len(log) // 50)
+        for loss in ("cls_loss", "seg_loss", "sal_loss"):
+            steps, values = _numbers(log, loss)
+            if steps: axs[0].plot(steps, _running_mean(values, width), label=loss)
+        phase2 = [step for step, phase in zip(*_numbers(log, "phase")) if phase == 2]
+        if phase2: axs[0].axvline(phase2[0], ls="--", c="grey", lw=1, label="segmentation on")
+        axs[0].set_xlabel("step"); axs[0].set_ylabel("loss"); axs[0].set_title("training losses"); axs[0].legend()
+    steps, mious = _numbers(val_hist or [], "val_miou")
+    if steps: axs[1].plot(steps, mious, marker="o")
+    axs[1].set_xlabel("step"); axs[1].set_ylabel("val mIoU"); axs[1].set_title("validation mIoU"); axs[1].set_ylim(0, 1)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -15,6 +15,7 @@ from PIL import Image as PILImage
 from . import cams
 from .classes import norm_stats
 from .data import Normalize, denormalize
+from .utils import require_extra
 
 # %% auto #0
 __all__ = ['BASELINES', 'LAYERED', 'colorize', 'overlay', 'png_bytes', 'image_maps', 'LayerExplorer']
@@ -80,7 +81,7 @@ class LayerExplorer:
                  baselines: Sequence[str] = tuple(BASELINES), cnn: nn.Module | None = None,
                  class_names: Sequence[str] | None = None, mean=None, std=None, scale: int | None = None,
                  opacity: float = 0.5, cmap: str = "jet", max_images: int = 200):
-        import ipywidgets as W
+        W = require_extra("ipywidgets", needed_by="LayerExplorer")
         self.model, self.dataset, self.layers, self.cnn, self.cmap = model.eval(), dataset, layers, cnn, cmap
         bad = [b for b in baselines if b not in BASELINES]
         if bad: raise ValueError(f"unknown baselines {bad}; expected some of {list(BASELINES)}")
@@ -188,5 +189,4 @@ class LayerExplorer:
         self.render()
 
     def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+        require_extra("IPython.display", needed_by="LayerExplorer").display(self.widget)
