@@ -40,7 +40,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
         loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"])
         opt.zero_grad(); loss.backward(); opt.step()
     def ours():
-        loss = step_losses(model, b, cfg, phase=2)["loss"]
+        loss = step_losses(model, b, phase=2, **cfg.step_settings())["loss"]
         opt.zero_grad(); loss.backward(); opt.step()
     def vjps_only():  # the floor of any GETAM step: the recorded forward, the max-K VJPs and the plain losses, no pseudo labels
         with record_attention(model, cfg.layers) as rec: cls, seg = model(b["image"], with_seg=True)
@@ -49,7 +49,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
         opt.zero_grad(); loss.backward(); opt.step()
     cfg6 = dataclasses.replace(cfg, layers=list(range(len(model.backbone.blocks) // 2, len(model.backbone.blocks))))
     def ours_half():
-        loss = step_losses(model, b, cfg6, phase=2)["loss"]
+        loss = step_losses(model, b, phase=2, **cfg6.step_settings())["loss"]
         opt.zero_grad(); loss.backward(); opt.step()
     def released():
         maps = _released_recipe(model, b["image"], b["label"])
