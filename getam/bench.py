@@ -45,7 +45,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
         loss.backward()
         opt.step()
     def ours():
-        loss = step_losses(model, b, cfg, phase=2)["loss"]
+        loss = step_losses(model, b, phase=2, **cfg.step_settings())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,7 +59,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
         opt.step()
     cfg6 = dataclasses.replace(cfg, layers=list(range(len(model.backbone.blocks) // 2, len(model.backbone.blocks))))
     def ours_half():
-        loss = step_losses(model, b, cfg6, phase=2)["loss"]
+        loss = step_losses(model, b, phase=2, **cfg6.step_settings())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,6 +4,7 @@
 
 # %% ../nbs/30_completion.ipynb #237dc625
 from __future__ import annotations
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,10 +19,10 @@ from .pamr import _pamr_numpy, pamr
 from .utils import format_timings, time_side_by_side
 
 # %% auto #0
-__all__ = ['present_classes', 'gather_classes', 'background_channel', 'activation_argmax', 'binarize_saliency', 'saliency_mask',
-           'mining_thresholds', 'mine_high_activation', 'open_foreground', 'complete_labels', 'label_maps',
-           'pseudo_labels', 'attention_saliency', 'crf_labels', 'crf_pseudo_labels', 'save_pseudo_labels',
-           'standin_maps', 'benchmark']
+__all__ = ['SALIENCY_SOURCES', 'present_classes', 'gather_classes', 'background_channel', 'activation_argmax',
+           'binarize_saliency', 'saliency_mask', 'mining_thresholds', 'mine_high_activation', 'open_foreground',
+           'complete_labels', 'label_maps', 'pseudo_labels', 'attention_saliency', 'LabelRule', 'crf_labels',
+           'crf_pseudo_labels', 'save_pseudo_labels', 'standin_maps', 'benchmark']
 
 # %% ../nbs/30_completion.ipynb #90bd2736
 def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +163,22 @@ def attention_saliency(a_cls: torch.Tensor, image: torch.Tensor, threshold: floa
     if refine: a = pamr(image, a, dilations, iters)
     return (normalize_maps(a, eps=1e-5)[:, 0] > threshold).long()
 
+# %% ../nbs/30_completion.ipynb #8dc697fb
+SALIENCY_SOURCES = ("maps", "attention")
+
+@dataclass(frozen=True)
+class LabelRule:
+    "The settings of the label rule of Sec. 4.2, which turns a method's maps into pseudo labels (`pseudo_labels`)."
+    gamma: float = 32.0               # background exponent: bg = (1 − max_c map)^gamma
+    alpha: float = 0.9                # high-activation quantile of Eq. 5 (released code: 0.9 VOC, 0.95 COCO)
+    use_pamr: bool = True             # refine the maps with PAMR before the completion
+    saliency: str = "maps"            # Eq. 4's saliency: maps (an external detector's, the paper) | attention (A_CLS)
+    attention_threshold: float = 0.3  # saliency="attention": salient where the refined, max-normalised A_CLS > this
+
+    def __post_init__(self):
+        if self.saliency not in SALIENCY_SOURCES:
+            raise ValueError(f"saliency={self.saliency!r} is not valid; valid: {', '.join(SALIENCY_SOURCES)}")
+
 # %% ../nbs/30_completion.ipynb #89545b46
 def crf_labels(image: np.ndarray, probs, params: str | dict = "released") -> np.ndarray:
     """Dense-CRF refinement of `probs: [K, H, W]` on `image: uint8 [H, W, 3]` -> argmax index `[H, W]` (int64, 0..K-1).
@@ -183,9 +200,11 @@ def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32, params
 
 # %% ../nbs/30_completion.ipynb #b6ddd079
 def save_pseudo_labels(labels: torch.Tensor, names: Sequence[str], out_dir: str | Path) -> list[Path]:
-    "Write `labels: [B, H, W]` as palette PNGs `out_dir/{name}.png` (atomic writes)."
+    """Write `labels: [B, H, W]` as palette PNGs `out_dir/{name}.png` (atomic writes): the one pseudo-label writer
+    (`getam.infer.pseudo_label_dataset` and so the trainer's `pseudo_labels/` go through it)."""
     labels = torch.as_tensor(labels).cpu().numpy()
-    if labels.ndim != 3 or len(labels) != len(names): raise ValueError(f"expected labels [B, H, W] and B names, got {labels.shape} and {len(names)} names")
+    if labels.ndim != 3 or len(labels) != len(names):
+        raise ValueError(f"expected labels [B, H, W] and B names, got {labels.shape} and {len(names)} names")
     return [write_palette_png(Path(out_dir) / f"{n}.png", l.astype(np.uint8), PALETTE) for l, n in zip(labels, names)]
 
 

@@ -16,7 +16,7 @@ from .cams import _floor, _released_recipe, getam
 from .loop import _ddp
 from .model import GetamSegmenter
 from .step import step_losses
-from .train import TrainConfig, build_model, build_optimizer, make_config
+from .train import build_model, build_optimizer, make_config
 from .utils import atomic_path, format_timings, run_cli, time_side_by_side
 
 # %% auto #0
@@ -126,7 +126,7 @@ def time_train_step(device: torch.device | str = "cuda", repeats: int = 5, backb
     batch = {k: v.to(device) for k, v in batch.items()}
     losses = []
     def step():
-        loss = step_losses(model, batch, cfg, phase=2)["loss"]
+        loss = step_losses(model, batch, phase=2, **cfg.step_settings())["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -177,7 +177,7 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
             batch = dict(image=torch.randn(2, 3, 32, 32, generator=g), label=torch.tensor([[1.0, 0, 1], [0, 1, 0]]),
                          saliency=(torch.rand(2, 32, 32, generator=g) > 0.5).long())
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = step_losses(net, batch, TrainConfig(), phase=2)["loss"]
+            loss = step_losses(net, batch, phase=2)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -8,7 +8,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from .classes import IMAGENET_MEAN, IMAGENET_STD
 from .crf import _crf_task, _import_crf, crf_params, dense_crf
 from .images import PALETTE, write_palette_png
 from .cams import getam_layers, resize_maps
-from .completion import attention_saliency
+from .completion import LabelRule, attention_saliency, save_pseudo_labels
 from .loop import _unwrap
 from .metrics import ConfusionMatrix, _names_of
 from .step import training_targets
@@ -26,7 +25,7 @@ from .step import training_targets
 
 # %% auto #0
 __all__ = ['SCALES', 'predict', 'evaluate_model', 'voc_results_dir', 'export_voc_test', 'segmenter_fn', 'segment',
-           'evaluate_segmenter', 'make_pseudo_labels', 'write_pseudo_labels']
+           'evaluate_segmenter', 'make_pseudo_labels', 'pseudo_label_dataset']
 
 # %% ../nbs/64_infer.ipynb #03f4828b
 SCALES = {"single": (1.0,), "released": (256, 320, 480), "common": (0.5, 0.75, 1.0, 1.25, 1.5)}
@@ -172,31 +171,44 @@ def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = N
 
 
 # %% ../nbs/64_infer.ipynb #f8ca13ef
-def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tensor, saliency: torch.Tensor | None,
-                       cfg) -> torch.Tensor:
-    "Full-resolution pseudo labels of one batch from a trained model: [B, 3, H, W] → [B, H, W] (`saliency` None with `saliency='attention'`)."
-    m = _unwrap(model); H, W = image.shape[-2:]
+def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tensor, saliency: torch.Tensor | None = None,
+                       rule: LabelRule = LabelRule(), layers: list | None = None, fusion: str = "sum") -> torch.Tensor:
+    """Full-resolution pseudo labels of one batch from a trained model: `image: [B, 3, H, W]` → `[B, H, W]`, the GETAM
+    maps of the blocks `layers` fused by `fusion` (`getam.cams.getam`) through the label rule `rule`.
+    `saliency: [B, H, W]` is Eq. 4's (None with `rule.saliency == "attention"`: the model's A_CLS instead)."""
+    if rule.saliency == "maps" and saliency is None:
+        raise ValueError("make_pseudo_labels: rule.saliency='maps' needs saliency [B, H, W] (or saliency='attention')")
+    m = _unwrap(model)
+    H, W = image.shape[-2:]
     x = _pad_to(image, int(m.stride))
-    with torch.enable_grad(): res = getam_layers(m, x, label, layers=cfg.layers, fusion=cfg.fusion)
+    with torch.enable_grad(): res = getam_layers(m, x, label, layers=layers, fusion=fusion)
     maps = resize_maps(res.maps, x.shape[-2:])[..., :H, :W]  # crop the padding off before PAMR
-    if cfg.saliency == "attention":
-        saliency = attention_saliency(resize_maps(res.a_cls.mean(0)[:, None], x.shape[-2:])[:, 0, :H, :W], image, cfg.attention_threshold)
-    return training_targets(maps, image, label, saliency, cfg.gamma, cfg.alpha, cfg.use_pamr)
+    if rule.saliency == "attention":
+        a_cls = resize_maps(res.a_cls.mean(0)[:, None], x.shape[-2:])[:, 0, :H, :W]
+        saliency = attention_saliency(a_cls, image, rule.attention_threshold)
+    return training_targets(maps, image, label, saliency, rule.gamma, rule.alpha, rule.use_pamr)
 
-def write_pseudo_labels(model: nn.Module, ds, out_dir: str | Path, cfg, device="cpu",
-                        limit: int | None = None, progress: bool = False) -> ConfusionMatrix:
-    "Write `out_dir/{name}.png` palette pseudo labels for the items of `ds`; returns their confusion matrix vs `mask`."
-    m = _unwrap(model); was = m.training; m.eval()
-    cm = ConfusionMatrix(m.num_classes + 1); out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+def pseudo_label_dataset(model: nn.Module, ds, out_dir: str | Path | None = None, rule: LabelRule = LabelRule(),
+                         layers: list | None = None, fusion: str = "sum", device="cpu", limit: int | None = None,
+                         progress: bool = False) -> ConfusionMatrix:
+    """Pseudo labels of the items of `ds` from a trained model (`make_pseudo_labels`, one image at a time) → their
+    confusion matrix against the items' `mask`; with `out_dir`, also saved as `out_dir/{name}.png`
+    (`save_pseudo_labels`)."""
+    m = _unwrap(model)
+    was = m.training
+    m.eval()
+    cm = ConfusionMatrix(m.num_classes + 1)
+    if out_dir is not None: Path(out_dir).mkdir(parents=True, exist_ok=True)
     idx = range(len(ds) if limit is None else min(limit, len(ds)))
-    if progress: idx = progress_bar(idx, leave=False)
-    for i in idx:
-        it = ds[i]
-        if cfg.saliency == "maps" and "saliency" not in it:
-            raise ValueError(f"item {it.get('name', i)} has no saliency map; pass saliency_root (settings.ini key {cfg.dataset}_saliency_root) or saliency='attention'")
-        sal = it["saliency"][None].to(device) if cfg.saliency == "maps" else None
-        pl = make_pseudo_labels(m, it["image"][None].to(device), it["label"][None].to(device), sal, cfg)[0].cpu()
-        write_palette_png(out_dir / f"{it['name']}.png", pl.numpy().astype(np.uint8), PALETTE)
-        if "mask" in it: cm.update(pl, it["mask"])
+    for i in (progress_bar(idx, leave=False) if progress else idx):
+        item = ds[i]
+        if rule.saliency == "maps" and "saliency" not in item:
+            raise ValueError(f"item {item.get('name', i)} has no saliency map; pass saliency_root (settings.ini key "
+                             "{dataset}_saliency_root) or use LabelRule(saliency='attention')")
+        sal = item["saliency"][None].to(device) if rule.saliency == "maps" else None
+        image, label = item["image"][None].to(device), item["label"][None].to(device)
+        pseudo = make_pseudo_labels(m, image, label, sal, rule, layers, fusion)[0].cpu()
+        if out_dir is not None: save_pseudo_labels(pseudo[None], [item["name"]], out_dir)
+        if "mask" in item: cm.update(pseudo, item["mask"])
     m.train(was)
     return cm

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .backbones import record_attention
 from .cams import class_row, maps_from_attention
 from .classes import IGNORE_INDEX
-from .completion import attention_saliency, pseudo_labels
-from .losses import saliency_loss, seg_loss
+from . import losses
+from .completion import LabelRule, attention_saliency, pseudo_labels
 from .loop import StepContext, _unwrap
 
 
@@ -22,15 +22,16 @@ from .loop import StepContext, _unwrap
 __all__ = ['lr_at', 'phase2_start', 'training_targets', 'class_token_saliency', 'step_losses', 'train_step', 'two_forward_losses']
 
 # %% ../nbs/63_step.ipynb #0c4fe571
-def lr_at(step: int, total: int, cfg) -> float:
+def lr_at(step: int, total: int, lr: float = 0.04, poly_power: float = 0.9, warmup_steps: int = 0,
+          phase2_lr_scale: float = 0.1, cls_only_frac: float = 0.5) -> float:
     "Learning rate of global step `step` of `total`: warm-up, poly decay, ×`phase2_lr_scale` in phase 2."
-    lr = cfg.lr * max(0.0, 1 - step / total) ** cfg.poly_power
-    if cfg.warmup_steps and step < cfg.warmup_steps: lr *= (step + 1) / cfg.warmup_steps
-    return lr * (cfg.phase2_lr_scale if step >= phase2_start(total, cfg) else 1.0)
+    rate = lr * max(0.0, 1 - step / total) ** poly_power
+    if warmup_steps and step < warmup_steps: rate *= (step + 1) / warmup_steps
+    return rate * (phase2_lr_scale if step >= phase2_start(total, cls_only_frac) else 1.0)
 
-def phase2_start(total: int, cfg) -> int:
-    "First step with the segmentation branch on (released: step >= 0.5 · max_step)."
-    return 0 if cfg.supervision == "gt" and cfg.cls_only_frac == 0 else int(math.ceil(cfg.cls_only_frac * total))
+def phase2_start(total: int, cls_only_frac: float = 0.5) -> int:
+    "First step with the segmentation branch on (released: step >= 0.5 · max_step; 0 with `cls_only_frac=0`)."
+    return int(math.ceil(cls_only_frac * total))
 
 # %% ../nbs/63_step.ipynb #244215b1
 @torch.no_grad()
@@ -48,66 +49,74 @@ def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_pr
     a = torch.stack([class_row(t, num_prefix_tokens) for t in attn]).mean(0)
     return attention_saliency(a.view(-1, *grid), image, threshold)
 
-def _saliency(batch: dict, rec, x: torch.Tensor, cfg) -> torch.Tensor:
-    "The saliency of a batch: the external maps (`saliency='maps'`) or the recorded attention's (`'attention'`)."
-    if cfg.saliency == "maps": return batch["saliency"]
-    return class_token_saliency(rec.attn, rec.grid, rec.num_prefix_tokens, x, cfg.attention_threshold)
+def _saliency(batch: dict, rec, x: torch.Tensor, rule: LabelRule) -> torch.Tensor:
+    "The saliency of a batch: the external maps (`rule.saliency='maps'`) or the recorded attention's (`'attention'`)."
+    if rule.saliency == "maps": return batch["saliency"]
+    return class_token_saliency(rec.attn, rec.grid, rec.num_prefix_tokens, x, rule.attention_threshold)
 
-def step_losses(model: nn.Module, batch: dict, cfg, phase: int, autocast=None) -> dict[str, torch.Tensor]:
+def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = LabelRule(), layers: list | None = None,
+                fusion: str = "sum", supervision: str = "pseudo", seg_loss: str = "ce", cls_weight: float = 1.0,
+                seg_weight: float = 1.0, saliency_weight: float = 0.0, autocast=None) -> dict[str, torch.Tensor]:
     """Steps 1-4 of Sec. 4.3 on one batch: the losses, with `loss` the one to back-propagate (and `pseudo`, the targets).
-    Phase 1 is classification only; phase 2 adds the segmentation loss on GETAM pseudo labels of the same forward."""
+    Phase 1 is classification only; phase 2 adds the segmentation loss (`seg_loss`: its kind) on the pseudo labels that
+    `rule` makes from the GETAM maps (blocks `layers`, `fusion`) of the same forward (`supervision="gt"`: the masks)."""
     x, y = batch["image"], batch["label"]
     ac = autocast or torch.autocast(x.device.type, enabled=False)
     out = {}
     if phase == 1:
         with ac: cls = model(x)
         out["cls_loss"] = F.multilabel_soft_margin_loss(cls.float(), y)
-        out["loss"] = cfg.cls_weight * out["cls_loss"]
+        out["loss"] = cls_weight * out["cls_loss"]
         return out
-    if cfg.supervision == "gt":   # the oracle: ground-truth masks instead of pseudo labels
+    if supervision == "gt":   # the oracle: ground-truth masks instead of pseudo labels
         with ac: cls, seg = model(x, with_seg=True)
         target = batch["mask"]
     else:
-        # 1. forward once, recording the attention of the GETAM blocks. The VJPs need the module's own logits: under DDP the
-        #    returned ones pass through DDP's sink node, which the GETAM VJPs must not traverse (hence the forward hook).
+        # 1. forward once, recording the attention of the GETAM blocks. The VJPs need the module's own logits: under
+        #    DDP the returned ones pass through DDP's sink node, which the GETAM VJPs must not traverse (so: a hook).
         raw = []
         hook = _unwrap(model).register_forward_hook(lambda m, i, o: raw.append(o))
         try:
-            with record_attention(_unwrap(model), cfg.layers) as rec:
+            with record_attention(_unwrap(model), layers) as rec:
                 with ac: cls, seg = model(x, with_seg=True)
         finally: hook.remove()
         # 2. GETAM maps from that forward: max-K VJPs w.r.t. the attention only, keeping the graph for the losses
-        maps = maps_from_attention(raw[0][0], rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=cfg.fusion, retain_graph=True)
+        maps = maps_from_attention(raw[0][0], rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=fusion,
+                                   retain_graph=True)
         # 3. pseudo labels: PAMR, saliency-constrained masking (Eq. 4), high-activation mining (Eq. 5); no gradient
-        target = training_targets(maps, x, y, _saliency(batch, rec, x, cfg), cfg.gamma, cfg.alpha, cfg.use_pamr)
+        target = training_targets(maps, x, y, _saliency(batch, rec, x, rule), rule.gamma, rule.alpha, rule.use_pamr)
     # 4. the losses of the same forward: classification + segmentation (+ the optional saliency loss)
     out["cls_loss"] = F.multilabel_soft_margin_loss(cls.float(), y)
-    out["seg_loss"] = seg_loss(seg, target, cfg.seg_loss)
-    out["loss"] = cfg.cls_weight * out["cls_loss"] + cfg.seg_weight * out["seg_loss"]
-    if cfg.saliency_weight:
-        out["sal_loss"] = saliency_loss(seg, batch["saliency"], (x != 0).any(1))
-        out["loss"] = out["loss"] + cfg.saliency_weight * out["sal_loss"]
+    out["seg_loss"] = losses.seg_loss(seg, target, seg_loss)
+    out["loss"] = cls_weight * out["cls_loss"] + seg_weight * out["seg_loss"]
+    if saliency_weight:
+        out["sal_loss"] = losses.saliency_loss(seg, batch["saliency"], (x != 0).any(1))
+        out["loss"] = out["loss"] + saliency_weight * out["sal_loss"]
     out["pseudo"] = target
     return out
 
-def train_step(ctx: StepContext, batch: dict, cfg) -> dict:
-    """One step of single-stage training, the step `getam.loop.fit` runs: steps 1-4 (`step_losses`), then
-    5. one backward and 6. one optimiser step (`ctx.update`; in phase 1 the decoder did not run and keeps no gradient)."""
-    phase = 2 if ctx.step >= phase2_start(ctx.total, cfg) else 1
-    losses = step_losses(ctx.net, batch, cfg, phase, ctx.autocast)
+def train_step(ctx: StepContext, batch: dict, cls_only_frac: float = 0.5, **settings) -> dict:
+    """One step of single-stage training, the step `getam.loop.fit` runs: steps 1-4 (`step_losses`, which takes the
+    keywords `settings`), then 5. one backward and 6. one optimiser step (`ctx.update`; in phase 1 the decoder did not
+    run and keeps no gradient). Phase 2 starts after the first `cls_only_frac` of the steps (`phase2_start`)."""
+    phase = 2 if ctx.step >= phase2_start(ctx.total, cls_only_frac) else 1
+    out = step_losses(ctx.net, batch, phase, autocast=ctx.autocast, **settings)
     frozen = ctx.model.decoder.parameters() if phase == 1 else ()
-    return dict(phase=phase, **ctx.update(losses, frozen))
+    return dict(phase=phase, **ctx.update(out, frozen))
 
 
 # %% ../nbs/63_step.ipynb #31b1715f
-def two_forward_losses(model: nn.Module, batch: dict, cfg) -> dict[str, torch.Tensor]:
-    "Phase-2 losses the paper's way: a forward for GETAM, then a fresh forward for the losses."
+def two_forward_losses(model: nn.Module, batch: dict, *, rule: LabelRule = LabelRule(), layers: list | None = None,
+                       fusion: str = "sum", seg_loss: str = "ce", cls_weight: float = 1.0,
+                       seg_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    "Phase-2 losses the paper's way: one forward for GETAM, a fresh one for the losses (the keywords of `step_losses`)."
     x, y = batch["image"], batch["label"]
-    with record_attention(_unwrap(model), cfg.layers) as rec:
+    with record_attention(_unwrap(model), layers) as rec:
         cls, _ = model(x, with_seg=True)
-    maps = maps_from_attention(cls, rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=cfg.fusion, retain_graph=False)
-    target = training_targets(maps, x, y, _saliency(batch, rec, x, cfg), cfg.gamma, cfg.alpha, cfg.use_pamr)
+    maps = maps_from_attention(cls, rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=fusion, retain_graph=False)
+    target = training_targets(maps, x, y, _saliency(batch, rec, x, rule), rule.gamma, rule.alpha, rule.use_pamr)
     cls, seg = model(x, with_seg=True)
-    out = dict(cls_loss=F.multilabel_soft_margin_loss(cls, y), seg_loss=seg_loss(seg, target, cfg.seg_loss), pseudo=target)
-    out["loss"] = cfg.cls_weight * out["cls_loss"] + cfg.seg_weight * out["seg_loss"]
+    out = dict(cls_loss=F.multilabel_soft_margin_loss(cls, y), seg_loss=losses.seg_loss(seg, target, seg_loss))
+    out["pseudo"] = target
+    out["loss"] = cls_weight * out["cls_loss"] + seg_weight * out["seg_loss"]
     return out

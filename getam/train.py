@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 
 from .backbones import resolve_name
 from .classes import norm_stats
+from .completion import SALIENCY_SOURCES, LabelRule
 from .config import get_settings, resolve_device
 from .data import DATASETS, eval_transform, load_dataset, train_transform
-from .infer import evaluate_segmenter, write_pseudo_labels
+from .infer import evaluate_segmenter, pseudo_label_dataset
 from .loop import _parse_value, dist_info, fit
 from .model import GetamSegmenter
 from .step import lr_at, phase2_start, train_step
@@ -101,8 +102,24 @@ class TrainConfig:
     plots: bool = True                # loss / mIoU curves (seaborn) into out_dir/curves.png
     preset: str | None = None         # None | released | synth
 
+    def label_rule(self) -> LabelRule:
+        "The run's label rule (Sec. 4.2), what `getam.step` and `getam.infer` take instead of a config."
+        return LabelRule(gamma=self.gamma, alpha=self.alpha, use_pamr=self.use_pamr, saliency=self.saliency,
+                         attention_threshold=self.attention_threshold)
+
+    def step_settings(self) -> dict:
+        "The run's keywords of `getam.step.step_losses`: the label rule, the maps' blocks and fusion, the losses."
+        return dict(rule=self.label_rule(), layers=self.layers, fusion=self.fusion, supervision=self.supervision,
+                    seg_loss=self.seg_loss, cls_weight=self.cls_weight, seg_weight=self.seg_weight,
+                    saliency_weight=self.saliency_weight)
+
+    def schedule(self) -> dict:
+        "The run's keywords of `getam.step.lr_at`."
+        return dict(lr=self.lr, poly_power=self.poly_power, warmup_steps=self.warmup_steps,
+                    phase2_lr_scale=self.phase2_lr_scale, cls_only_frac=self.cls_only_frac)
+
 # %% ../nbs/65_train.ipynb #b259faec
-CHOICES = dict(dataset=DATASETS, saliency=("maps", "attention"), supervision=("pseudo", "gt"), cls_head=("token", "pooled"),
+CHOICES = dict(dataset=DATASETS, saliency=SALIENCY_SOURCES, supervision=("pseudo", "gt"), cls_head=("token", "pooled"),
                optimizer=("sgd", "adamw"), seg_loss=("ce", "split"), fusion=("sum", "product", "matmul"),
                amp=("none", "bf16", "fp16"), preset=(None, "released", "synth"))
 
@@ -217,6 +234,28 @@ def _data(cfg: TrainConfig, paths: dict, train_ds, val_ds, pseudo_ds) -> tuple:
     train_ds, full_ds, v_ds = build_datasets(cfg, paths, mean, std)
     return train_ds, (val_ds if val_ds is not None else v_ds), (pseudo_ds if pseudo_ds is not None else full_ds)
 
+def _fit(cfg: TrainConfig, model: GetamSegmenter, train_ds, val_ds, out_dir: Path, device, rank: int) -> dict:
+    "The run through `getam.loop.fit`: the single-stage step and its schedule, with the settings of `cfg`."
+    def validate(epoch: int, step: int, total: int) -> dict | None:
+        if not (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and step > phase2_start(total, cfg.cls_only_frac)):
+            return None
+        if rank != 0 or val_ds is None: return None
+        miou = evaluate_segmenter(model, val_ds, device, cfg.limit_val).miou()
+        return dict(epoch=epoch + 1, step=step, val_miou=miou)
+    step_fn = partial(train_step, cls_only_frac=cfg.cls_only_frac, **cfg.step_settings())
+    return fit(step_fn, model, build_optimizer(model, cfg), train_ds, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               lr_at=partial(lr_at, **cfg.schedule()), out_dir=out_dir, config=asdict(cfg), seed=cfg.seed,
+               device=device, amp=cfg.amp, resume=cfg.resume, ckpt_every=cfg.ckpt_every, stop_at_step=cfg.stop_at_step,
+               num_workers=cfg.num_workers, progress=cfg.progress, log_fields=LOG_FIELDS, after_epoch=validate)
+
+def _pseudo_metrics(cfg: TrainConfig, model: GetamSegmenter, pseudo_ds, out_dir: Path, device, class_names) -> dict:
+    "The training set's pseudo labels, written to `out_dir/pseudo_labels` and scored against its masks."
+    t = time.perf_counter()
+    cm = pseudo_label_dataset(model, pseudo_ds, out_dir / "pseudo_labels", cfg.label_rule(), cfg.layers, cfg.fusion,
+                              device, cfg.limit_train, cfg.progress)
+    return dict(pseudo_miou=cm.miou(), pseudo_iou=dict(zip(class_names, cm.iou().tolist())),
+                pseudo_time_s=round(time.perf_counter() - t, 1))
+
 def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> dict:
     paths = resolve_paths(cfg); out_dir = paths["out_dir"]
     if cfg.dataset == "synth" and train_ds is None and rank == 0: ensure_synthvoc(paths["root"])
@@ -228,14 +267,7 @@ def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> di
     class_names = list(getattr(base, "class_names", ["background"] + [str(i) for i in range(1, num_classes + 1)]))
     seed_everything(cfg.seed)
     model = build_model(cfg, num_classes).to(device)
-    def validate(epoch: int, step: int, total: int) -> dict | None:
-        if not (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and step > phase2_start(total, cfg)): return None
-        if rank != 0 or val_ds is None: return None
-        return dict(epoch=epoch + 1, step=step, val_miou=evaluate_segmenter(model, val_ds, device, cfg.limit_val).miou())
-    run = fit(partial(train_step, cfg=cfg), model, build_optimizer(model, cfg), train_ds, epochs=cfg.epochs,
-              batch_size=cfg.batch_size, lr_at=partial(lr_at, cfg=cfg), out_dir=out_dir, config=asdict(cfg), seed=cfg.seed,
-              device=device, amp=cfg.amp, resume=cfg.resume, ckpt_every=cfg.ckpt_every, stop_at_step=cfg.stop_at_step,
-              num_workers=cfg.num_workers, progress=cfg.progress, log_fields=LOG_FIELDS, after_epoch=validate)
+    run = _fit(cfg, model, train_ds, val_ds, out_dir, device, rank)
     _barrier(world)
     log, val_hist = run["log"], run["history"]
     res = dict(model=model, log=log, out_dir=out_dir, stopped=run["stopped"], config=cfg, metrics=None, val_hist=val_hist)
@@ -245,9 +277,7 @@ def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> di
                    batch_size=cfg.batch_size, crop_size=cfg.crop_size, world_size=world, n_train=len(train_ds),
                    final_loss=log[-1]["loss"] if log else None, train_time_s=round(run["train_time_s"], 1))
     if pseudo_ds is not None and cfg.write_pseudo and cfg.supervision == "pseudo":
-        t = time.perf_counter()
-        cm = write_pseudo_labels(model, pseudo_ds, out_dir / "pseudo_labels", cfg, device, cfg.limit_train, show)
-        metrics.update(pseudo_miou=cm.miou(), pseudo_iou=dict(zip(class_names, cm.iou().tolist())), pseudo_time_s=round(time.perf_counter() - t, 1))
+        metrics.update(_pseudo_metrics(cfg, model, pseudo_ds, out_dir, device, class_names))
     if val_ds is not None:
         t = time.perf_counter()
         cm = evaluate_segmenter(model, val_ds, device, cfg.limit_val, show)

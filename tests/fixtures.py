@@ -44,9 +44,9 @@ def record_qkv_dtypes(monkeypatch) -> list:
     "Record the dtype of the first block's qkv projection in every training step (does AMP really change the arithmetic?)."
     import getam.step as step_module
     dtypes, real = [], step_module.step_losses
-    def spy(model, batch, cfg, phase, autocast=None):
+    def spy(model, batch, phase, **kw):
         h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        try: return real(model, batch, cfg, phase, autocast)
+        try: return real(model, batch, phase, **kw)
         finally: h.remove()
     monkeypatch.setattr(step_module, "step_losses", spy)
     return dtypes

@@ -10,7 +10,7 @@ from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy
 import getam.step as step_module
 from getam.backbones import tiny_backbone
 from getam.cams import getam
-from getam.train import TrainConfig, train
+from getam.train import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -52,7 +52,7 @@ def _step_gradients(model, batch, targets=None):
         return seen[-1] if targets is None else targets.to(maps.device)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(step_module, "training_targets", targets_of)
-        out = step_module.step_losses(model, batch, TrainConfig(), phase=2)
+        out = step_module.step_losses(model, batch, phase=2)
     out["loss"].backward()
     return seen[0].cpu(), out["loss"].item(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
+from getam.completion import LabelRule
 from getam.data import eval_transform, load_dataset
 from getam.experiments import load_run
 from getam.infer import evaluate_segmenter
@@ -39,7 +40,7 @@ def test_double_backward_step_changes_weights_and_losses_finite():
     model, batch = tiny_model(), tiny_batch()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    out = step_losses(model, batch, TrainConfig(), phase=2)
+    out = step_losses(model, batch, phase=2)
     opt.zero_grad(); out["loss"].backward(); opt.step()
     for k in ("loss", "cls_loss", "seg_loss"): assert torch.isfinite(out[k]), k
     changed = {k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
@@ -52,20 +53,20 @@ def test_double_backward_step_changes_weights_and_losses_finite():
 def _grads(fn, seed=0):
     torch.manual_seed(seed)
     m = tiny_model(); m.decoder.head[3].p = 0.0  # dropout off
-    out = fn(m, tiny_batch(b=3, seed=1), TrainConfig())
+    out = fn(m, tiny_batch(b=3, seed=1))
     out["loss"].backward()
     return out, {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
 
 
 def test_single_forward_equals_two_forward_gradients():
-    o1, g1 = _grads(lambda m, b, c: step_losses(m, b, c, phase=2))
+    o1, g1 = _grads(lambda m, b: step_losses(m, b, phase=2))
     o2, g2 = _grads(two_forward_losses)
     assert torch.equal(o1["pseudo"], o2["pseudo"])
     assert set(g1) == set(g2) and len(g1) > 50
     for k in g1: torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)  # fused vs unfused attention: rounding only
     # and the GETAM backward really left no parameter gradients behind: one backward = one set of gradients
     torch.manual_seed(0); m = tiny_model(); m.decoder.head[3].p = 0.0
-    step_losses(m, tiny_batch(b=3, seed=1), TrainConfig(), phase=2)
+    step_losses(m, tiny_batch(b=3, seed=1), phase=2)
     assert all(p.grad is None for p in m.parameters())
 
 
@@ -83,17 +84,72 @@ def test_class_token_saliency_is_the_mean_class_row_through_attention_saliency()
 def test_attention_saliency_mode_reads_no_saliency_maps():
     torch.manual_seed(0)
     batch = tiny_batch(); del batch["saliency"]
-    out = step_losses(tiny_model(), batch, TrainConfig(saliency="attention"), phase=2)
+    out = step_losses(tiny_model(), batch, phase=2, rule=LabelRule(saliency="attention"))
     assert torch.isfinite(out["loss"]) and out["pseudo"].shape == (2, 32, 32)
     with pytest.raises(ValueError, match="needs saliency='maps'"): make_config(saliency="attention", saliency_weight=1.0)
 
 
 def test_poly_schedule_and_phase2_scale():
     c = TrainConfig(lr=0.04, phase2_lr_scale=0.1, cls_only_frac=0.5)
-    assert lr_at(0, 100, c) == pytest.approx(0.04)
-    assert lr_at(49, 100, c) == pytest.approx(0.04 * 0.51 ** 0.9)
-    assert lr_at(50, 100, c) == pytest.approx(0.004 * 0.5 ** 0.9)
+    assert lr_at(0, 100, **c.schedule()) == pytest.approx(0.04)
+    assert lr_at(49, 100, **c.schedule()) == pytest.approx(0.04 * 0.51 ** 0.9)
+    assert lr_at(50, 100, **c.schedule()) == pytest.approx(0.004 * 0.5 ** 0.9)
 
+
+
+def test_method_functions_run_without_a_training_config():
+    "The step and inference take the label rule and their settings as arguments: getam.train is never imported."
+    code = """
+import sys, torch
+from getam.backbones import tiny_backbone
+from getam.model import GetamSegmenter
+from getam.completion import LabelRule
+from getam.step import step_losses, two_forward_losses
+from getam.infer import make_pseudo_labels, pseudo_label_dataset
+torch.manual_seed(0)
+m = GetamSegmenter(tiny_backbone("vit", num_classes=3, img_size=32, depth=4), num_classes=3, features=16)
+g = torch.Generator().manual_seed(0)
+b = dict(image=torch.randn(2, 3, 32, 32, generator=g), label=torch.tensor([[1., 0, 1], [0, 1, 0]]),
+         saliency=(torch.rand(2, 32, 32, generator=g) > 0.5).long())
+out = step_losses(m, b, 2, rule=LabelRule(alpha=0.8), layers=[2, 3])
+two = two_forward_losses(m, b, rule=LabelRule(alpha=0.8), layers=[2, 3])
+assert torch.equal(out["pseudo"], two["pseudo"]) and torch.isfinite(out["loss"])
+pl = make_pseudo_labels(m.eval(), b["image"], b["label"], rule=LabelRule(saliency="attention"))
+mask = torch.zeros(32, 32, dtype=torch.long)
+items = [dict(image=b["image"][i], label=b["label"][i], mask=mask, name=str(i)) for i in range(2)]
+cm = pseudo_label_dataset(m, items, rule=LabelRule(saliency="attention"))
+assert pl.shape == (2, 32, 32) and int(cm.mat.sum() + cm.missed.sum()) == 2 * 32 * 32
+assert "getam.train" not in sys.modules, sorted(k for k in sys.modules if k.startswith("getam"))
+print("ok")
+"""
+    import subprocess, sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_label_rule_and_step_defaults_equal_train_config_defaults():
+    import dataclasses, inspect
+    from getam.infer import make_pseudo_labels, pseudo_label_dataset
+    from getam.step import phase2_start
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+    cfg = TrainConfig()
+    assert cfg.label_rule() == LabelRule()
+    rule = dataclasses.asdict(LabelRule())
+    assert set(rule) == {"gamma", "alpha", "use_pamr", "saliency", "attention_threshold"}
+    assert rule == {k: getattr(cfg, k) for k in rule}
+    assert cfg.step_settings() == {k: defaults(step_losses)[k] for k in cfg.step_settings()}
+    assert cfg.schedule() == {k: defaults(lr_at)[k] for k in cfg.schedule()}
+    assert defaults(phase2_start)["cls_only_frac"] == cfg.cls_only_frac
+    for fn in (two_forward_losses, make_pseudo_labels, pseudo_label_dataset):
+        shared = defaults(fn).keys() & cfg.step_settings().keys()
+        assert {"rule", "layers", "fusion"} <= shared, fn
+        assert {k: defaults(fn)[k] for k in shared} == {k: cfg.step_settings()[k] for k in shared}, fn
+    # a non-default config hands its own values on
+    c = make_config(preset="released", dataset="coco", saliency="attention", attention_threshold=0.4, layers=[1, 2])
+    assert c.label_rule() == LabelRule(alpha=0.95, saliency="attention", attention_threshold=0.4)
+    assert c.step_settings()["layers"] == [1, 2] and c.step_settings()["seg_loss"] == "split"
 
 def test_seg_loss_ignores_255_and_split_averages_separately():
     seg = torch.zeros(1, 3, 1, 4); seg[0, 0, 0, 0] = 5.0  # pixel 0 confidently background
