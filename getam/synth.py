@@ -293,7 +293,7 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 # %% ../nbs/11_synth.ipynb #55a8f949
-BENCHMARK_SEED_LIMIT = 1_000_000   # benchmark seeds are below it; getam.pretrain's corpora use seeds from it on
+BENCHMARK_SEED_LIMIT = 1_000_000   # benchmark seeds are below it; getam.train.pretrain's corpora use seeds from it on
 
 def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size: int = 128, fmt: str = "voc",
                   progress: bool = False) -> Path:
@@ -302,7 +302,7 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
         raise ValueError(f"unknown format {fmt!r}; valid: voc, coco")
     if not 0 <= seed < BENCHMARK_SEED_LIMIT:
         raise ValueError(f"seed={seed}: SynthVOC benchmark seeds are 0..{BENCHMARK_SEED_LIMIT - 1}; larger seeds are "
-                         "reserved for pretraining corpora (getam.pretrain)")
+                         "reserved for pretraining corpora (getam.train.pretrain)")
     if size < 32:
         raise ValueError(f"size={size}: expected at least 32 pixels")
     out = Path(out)

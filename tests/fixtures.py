@@ -5,7 +5,7 @@ import torch
 
 from getam.backbones import tiny_backbone
 from getam.model import GetamSegmenter
-from getam.train import TrainConfig, make_config
+from getam.train.singlestage import TrainConfig, make_config
 
 
 def tiny_model(num_classes: int = 3, img_size: int = 32, **kw) -> GetamSegmenter:
@@ -42,7 +42,7 @@ def tiny_config(**kw) -> TrainConfig:
 
 def record_qkv_dtypes(monkeypatch) -> list:
     "Record the dtype of the first block's qkv projection in every training step (does AMP really change the arithmetic?)."
-    import getam.step as step_module
+    import getam.train.step as step_module
     dtypes, real = [], step_module.step_losses
     def spy(model, batch, phase, **kw):
         h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))

@@ -1,4 +1,4 @@
-"""What only a GPU can check (marked `cuda`, skipped without one; `python -m getam.bench gpu` runs them on a GPU box):
+"""What only a GPU can check (marked `cuda`, skipped without one; `python -m getam.repro.bench gpu` runs them on a GPU box):
 AMP training in fp16 (with a GradScaler) and bf16, the double-backward step and GETAM on CUDA equal to CPU."""
 import copy
 
@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
-import getam.step as step_module
+import getam.train.step as step_module
 from getam.backbones import tiny_backbone
 from getam.cams import getam
-from getam.train import train
+from getam.train.singlestage import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA device (on a GPU box: python -m getam.bench gpu)")]
+                                 reason="needs a CUDA device (on a GPU box: python -m getam.repro.bench gpu)")]
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import torch
 import torchvision
 
 from getam.deeplab import ASPP, DeepLabV2, checkpoint_config, dilated_resnet, load_deeplab, save_deeplab
-from getam.evaluate import main as evaluate_main
-from getam.loop import StepContext
-from getam.multistage import PseudoLabelDataset, deeplab_step, make_optimizer, poly_lr, train_deeplab
+from getam.train.evaluate import main as evaluate_main
+from getam.train.loop import StepContext
+from getam.train.multistage import PseudoLabelDataset, deeplab_step, make_optimizer, poly_lr, train_deeplab
 
 
 def train_step(net, opt, image, mask) -> float:
-    "One step of `deeplab_step` as `getam.loop.fit` runs it (train mode, no AMP); returns the loss."
+    "One step of `deeplab_step` as `getam.train.loop.fit` runs it (train mode, no AMP); returns the loss."
     net.train()
     ctx = StepContext(net, opt, None, torch.autocast("cpu", enabled=False), total=1, device=torch.device("cpu"))
     return deeplab_step(ctx, dict(image=image, mask=mask))["loss"]
@@ -186,7 +186,7 @@ def test_multistage_notebook_runs_under_papermill(tiny_synth, tmp_path):
     want = ["single_scale", "ms_flip"] + (["ms_flip_crf"] if _has_crf() else [])
     assert list(m) == want and all(0 <= v["miou"] <= 100 for v in m.values())
     assert (out / "model.safetensors").is_file()
-    # what the notebook reports is its saved checkpoint's score: `python -m getam.evaluate` on it gives the same
+    # what the notebook reports is its saved checkpoint's score: `python -m getam.train.evaluate` on it gives the same
     # mIoU, per-class IoU and pixel accuracy, protocol by protocol
     again = evaluate_main(["--dataset", "synth", "--data-root", str(tiny_synth), "--split", "val", "--scales", "0.75 1",
                            "--checkpoint", str(out / "model.safetensors"), "--device", "cpu", "--processes", "1",

@@ -1,4 +1,4 @@
-"Tests of getam.evaluate: the confusion matrix, multi-scale+flip inference, dense CRF, pseudo-label scoring, export, CLI."
+"Tests of getam.train.evaluate: the confusion matrix, multi-scale+flip inference, dense CRF, pseudo-label scoring, export, CLI."
 import builtins
 import json
 import math
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from getam.crf import _edge_example, crf_batch, dense_crf
-from getam.evaluate import main
-from getam.infer import SCALES, evaluate_model, export_voc_test, predict, voc_results_dir
+from getam.train.evaluate import main
+from getam.train.infer import SCALES, evaluate_model, export_voc_test, predict, voc_results_dir
 from getam.metrics import ConfusionMatrix, iou_table, metrics, plot_iou, score_folder, score_pseudo_labels
 
 try:
@@ -310,13 +310,13 @@ def test_cli_evaluates_a_deeplab_checkpoint(tiny_synth, tmp_path):
 def test_load_model_fn_rebuilds_a_getam_train_run(tmp_path):
     from dataclasses import asdict
     from fixtures import tiny_config
-    from getam.loop import save_checkpoint
-    from getam.train import build_model, build_optimizer
+    from getam.train.loop import save_checkpoint
+    from getam.train.singlestage import build_model, build_optimizer
     cfg = tiny_config()
     torch.manual_seed(0)
     model = build_model(cfg, 3).eval()
     save_checkpoint(tmp_path, model, build_optimizer(model, cfg), 1, 1, 0, asdict(cfg))
-    from getam.evaluate import load_model_fn
+    from getam.train.evaluate import load_model_fn
     fn, info = load_model_fn(tmp_path, "cpu", num_classes=3)
     x = torch.randn(1, 3, 37, 45)   # not a multiple of the patch size: model_fn pads and crops
     with torch.no_grad():

@@ -1,15 +1,15 @@
-"Tests of getam.explainers_bench: the peers are optional, the table is written, a smoke run end to end."
+"Tests of getam.repro.explainers_bench: the peers are optional, the table is written, a smoke run end to end."
 import csv
 import subprocess
 import sys
 
 import pytest
 
-from getam.explainers_bench import COLUMNS, write_table
+from getam.repro.explainers_bench import COLUMNS, write_table
 
 
 def test_peers_never_imported_with_getam():
-    code = ("import sys, getam.explainers_bench, getam.explain, getam.faithfulness; "
+    code = ("import sys, getam.repro.explainers_bench, getam.explain, getam.faithfulness; "
             "print(any(m in sys.modules for m in ('pytorch_grad_cam', 'torchcam')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -26,7 +26,7 @@ def test_write_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path, monkeypatch):
-    from getam.explainers_bench import benchmark
+    from getam.repro.explainers_bench import benchmark
     from getam.synth import make_synthvoc
     monkeypatch.setenv("GETAM_RUNS_DIR", str(tmp_path / "runs"))
     make_synthvoc(tmp_path / "synth", n_train=8, n_val=4, size=64)

@@ -1,4 +1,4 @@
-"""`python -m getam.bench gpu` (getam.gpucheck) without a GPU: the one-line skip, the JSON, the parts on a CPU, and the
+"""`python -m getam.repro.bench gpu` (getam.repro.gpucheck) without a GPU: the one-line skip, the JSON, the parts on a CPU, and the
 child pytest that runs the CUDA-marked tests."""
 import json, os, textwrap
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from getam import bench, gpucheck
+from getam.repro import bench, gpucheck
 
 
 def test_without_cuda_one_line_names_the_skipped_parts_and_writes_json(tmp_path, monkeypatch, capsys):
@@ -81,5 +81,5 @@ def test_the_cuda_tests_skip_without_cuda_and_say_how_to_run_them():
     "Every test of tests/test_cuda.py carries the `cuda` mark and, without a device, the skip that names the GPU script."
     import test_cuda
     marks = {m.name: m for m in test_cuda.pytestmark}
-    assert "cuda" in marks and "python -m getam.bench gpu" in marks["skipif"].kwargs["reason"]
+    assert "cuda" in marks and "python -m getam.repro.bench gpu" in marks["skipif"].kwargs["reason"]
     assert marks["skipif"].args == (not torch.cuda.is_available(),)

@@ -1,6 +1,7 @@
-"""The package is layered as the table "The notebooks, layer by layer" of nbs/index.ipynb (and README.md) shows: a
-module imports only from its own layer or the layers below, at module top, and the imports between getam's modules form
-no circle."""
+"""The package is three rooms, each layered (README: "The notebooks, room by room"). The library (`getam/`) never
+imports training (`getam.train`) or reproduction (`getam.repro`); training never imports reproduction; inside the library
+a module imports only from its own layer or the layers below; every import of a getam module sits at module top; and the
+imports between getam's modules form no circle."""
 import ast
 from pathlib import Path
 
@@ -8,37 +9,64 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "getam"
 
-LAYERS = {
+LIBRARY_LAYERS = {
     0: ["config", "utils", "classes", "images"],                                   # foundations
     1: ["data", "synth", "backbones"],                                             # data
     2: ["cams", "pamr", "completion", "crf", "metrics", "faithfulness"],           # the method
     3: ["model", "deeplab"],                                                       # models
-    4: ["losses", "loop", "step", "infer", "train", "multistage", "classify", "pretrain"],   # training
-    5: ["evaluate", "experiments", "reproduce", "widgets", "bench", "explain", "explainers_bench",  # entry points
-        "gpucheck"],
+    4: ["explain", "widgets"],                                                     # explaining a model
 }
-LAYER = {m: k for k, ms in LAYERS.items() for m in ms}
+ROOMS = {"library": 0, "train": 1, "repro": 2}      # a room imports only from itself and the rooms before it
+LAYER = {m: k for k, ms in LIBRARY_LAYERS.items() for m in ms}
+
+
+def room(mod: str) -> str:
+    "`train.loop` -> train, `repro.bench` -> repro, `cams` -> library."
+    head = mod.split(".")[0]
+    return head if head in ROOMS else "library"
 
 
 def modules() -> list[str]:
-    return sorted(p.stem for p in PKG.glob("*.py") if not p.stem.startswith("_"))
+    "Dotted names under getam/: `cams`, `train.loop`, `repro.bench`; the packages' `__init__`/`__main__` as `train.__main__`."
+    out = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(PKG).with_suffix("")
+        if rel.name.startswith("_") and rel.name not in ("__init__", "__main__"): continue
+        out.append(".".join(rel.parts))
+    return out
+
+
+def _resolve(mod: str, node: ast.ImportFrom) -> list[str]:
+    "The getam modules an import names, as dotted names relative to getam (relative imports resolved from `mod`)."
+    if node.level:
+        package = mod.split(".")[:-1]
+        base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+        prefix = base + (node.module.split(".") if node.module else [])
+    elif node.module and (node.module == "getam" or node.module.startswith("getam.")):
+        prefix = node.module.split(".")[1:]
+    else:
+        return []
+    names = []
+    for alias in node.names:        # `from getam.train import loop` names the module train.loop
+        dotted = ".".join(prefix + [alias.name])
+        names.append(dotted if (PKG / (dotted.replace(".", "/") + ".py")).is_file() else ".".join(prefix))
+    return [n for n in names if n]
 
 
 def getam_imports(mod: str) -> list[tuple[str, int, bool]]:
     "(imported getam module, line, at module top) for every import of a getam module in `mod`."
-    tree = ast.parse((PKG / f"{mod}.py").read_text())
+    tree = ast.parse((PKG / (mod.replace(".", "/") + ".py")).read_text())
     top = {id(n) for n in tree.body} | {id(n) for b in tree.body if isinstance(b, ast.If) for n in b.body}
     out = []
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1: names = [node.module] if node.module else [a.name for a in node.names]
-            elif node.module == "getam": names = [a.name for a in node.names]
-            elif node.module and node.module.startswith("getam."): names = [node.module.split(".")[1]]
+            names = _resolve(mod, node)
         elif isinstance(node, ast.Import):
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("getam.")]
+            names = [a.name.split(".", 1)[1] for a in node.names if a.name.startswith("getam.")]
         for n in names:
-            if n and not n.startswith("_"): out.append((n.split(".")[0], node.lineno, id(node) in top))
+            if not n.split(".")[-1].startswith("_") or n.endswith("__init__"):
+                out.append((n, node.lineno, id(node) in top))
     return out
 
 
@@ -46,35 +74,48 @@ def graph() -> dict[str, set[str]]:
     return {m: {n for n, _, _ in getam_imports(m) if n != m} for m in modules()}
 
 
-def test_every_module_has_a_layer():
-    assert [m for m in modules() if m not in LAYER] == []
+def test_every_library_module_has_a_layer_and_every_module_a_room():
+    lib = [m for m in modules() if room(m) == "library" and m != "__init__"]
+    assert [m for m in lib if m not in LAYER] == []
+    assert {room(m) for m in modules()} == set(ROOMS)
 
 
 @pytest.mark.parametrize("mod", modules())
-def test_imports_go_down_and_sit_at_the_top(mod):
-    bad = [(n, line) for n, line, _ in getam_imports(mod) if LAYER.get(n, 99) > LAYER[mod]]
-    assert not bad, f"getam.{mod} (layer {LAYER[mod]}) imports from higher layers: {bad}"
+def test_imports_respect_rooms_and_layers_and_sit_at_the_top(mod):
+    up_rooms = [(n, line) for n, line, _ in getam_imports(mod) if ROOMS[room(n)] > ROOMS[room(mod)]]
+    assert not up_rooms, f"getam.{mod} ({room(mod)} room) imports from a later room: {up_rooms}"
+    if room(mod) == "library" and mod in LAYER:
+        up = [(n, line) for n, line, _ in getam_imports(mod) if room(n) == "library" and LAYER.get(n, 99) > LAYER[mod]]
+        assert not up, f"getam.{mod} (layer {LAYER[mod]}) imports from higher layers: {up}"
     inner = [(n, line) for n, line, top in getam_imports(mod) if not top]
     assert not inner, f"getam.{mod} imports getam modules inside functions: {inner}"
 
 
 def test_no_import_circles():
     g, state, path = graph(), {}, []
+
     def visit(m):
-        state[m] = "open"; path.append(m)
+        state[m] = "open"
+        path.append(m)
         for n in sorted(g.get(m, ())):
             if state.get(n) == "open": raise AssertionError("import circle: " + " -> ".join(path[path.index(n):] + [n]))
             if n not in state: visit(n)
-        state[m] = "done"; path.pop()
+        state[m] = "done"
+        path.pop()
     for m in g:
         if m not in state: visit(m)
 
 
-def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
-    "The checks above can fail: on a made-up package with a circle (a <-> b) and an import from a higher layer."
-    (tmp_path / "config.py").write_text("from .train import x\n")
-    (tmp_path / "train.py").write_text("from getam.config import y\n")
+def test_the_checker_sees_a_circle_an_upward_import_and_a_crossed_room(tmp_path, monkeypatch):
+    "The checks above can fail: on a made-up package with a circle (a <-> b), an upward import and a crossed room."
+    (tmp_path / "train").mkdir()
+    (tmp_path / "config.py").write_text("from .cams import x\n")
+    (tmp_path / "cams.py").write_text("from getam.config import y\nfrom getam.train.loop import z\n")
+    (tmp_path / "train" / "loop.py").write_text("from ..utils import w\n")
+    (tmp_path / "utils.py").write_text("")
     monkeypatch.setattr(__import__(__name__), "PKG", tmp_path)
-    assert graph() == {"config": {"train"}, "train": {"config"}}
+    assert graph() == {"cams": {"config", "train.loop"}, "config": {"cams"}, "train.loop": {"utils"}, "utils": set()}
     with pytest.raises(AssertionError, match="import circle"): test_no_import_circles()
-    with pytest.raises(AssertionError, match="higher layers"): test_imports_go_down_and_sit_at_the_top("config")
+    with pytest.raises(AssertionError, match="higher layers"): test_imports_respect_rooms_and_layers_and_sit_at_the_top("config")
+    with pytest.raises(AssertionError, match="later room"): test_imports_respect_rooms_and_layers_and_sit_at_the_top("cams")
+    test_imports_respect_rooms_and_layers_and_sit_at_the_top("train.loop")

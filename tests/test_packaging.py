@@ -106,7 +106,7 @@ def test_notebook_stack_is_imported_only_through_require_extra():
 def test_without_the_notebook_extra(monkeypatch, tmp_path):
     "With seaborn, pandas and ipywidgets missing, the training curves still draw; a table, a seaborn plot and the explorer name the extra."
     from getam.metrics import ConfusionMatrix, iou_table, plot_iou
-    from getam.train import plot_curves
+    from getam.train.singlestage import plot_curves
     from getam.utils import MissingExtra
     from getam.widgets import LayerExplorer
     for mod in ("seaborn", "pandas", "ipywidgets"): monkeypatch.setitem(sys.modules, mod, None)   # import raises ImportError

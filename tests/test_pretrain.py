@@ -1,4 +1,4 @@
-"getam.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit for bit; its seeds never meet the benchmark's."
+"getam.train.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit for bit; its seeds never meet the benchmark's."
 import json
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from getam.backbones import create_backbone
 from getam.classes import NUM_SYNTH
-from getam.pretrain import PRETRAIN_SEED, SceneCorpus, pretrain
+from getam.train.pretrain import PRETRAIN_SEED, SceneCorpus, pretrain
 from getam.synth import BENCHMARK_SEED_LIMIT, make_synthvoc, synth_sample
 
 ARCH = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2)
@@ -80,6 +80,7 @@ def test_shipped_weights_load_offline_bit_for_bit(name, tmp_path):
     assert rec["file"] == f"{name}.safetensors"
     assert hashlib.sha256((SHIPPED_WEIGHTS / rec["file"]).read_bytes()).hexdigest() == rec["sha256"]
     assert rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT and rec["corpus"]["labels"] == "image-level only"
+    # the record names the command as it was run, before the room move (now python -m getam.train.pretrain)
     assert rec["command"].startswith(f"python -m getam.pretrain --backbone {rec['backbone']}")
     assert rec["synthvoc_val_micro_f1"] >= (0.95 if name.startswith("vit_tiny_patch16") else 0.8)   # the ViT's target; the others: well above chance
     sd = load_file(str(SHIPPED_WEIGHTS / rec["file"]))

@@ -1,4 +1,4 @@
-"""getam.reproduce: notebook discovery, tables, the shared classifier cache, and one reproduce notebook through papermill."""
+"""getam.repro.reproduce: notebook discovery, tables, the shared classifier cache, and one reproduce notebook through papermill."""
 import json
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from getam import experiments as E, reproduce as R
+from getam.repro import experiments as E, reproduce as R
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "nbs" / "reproduce"
@@ -156,7 +156,7 @@ def test_trained_run_is_trained_once_then_reused(tiny_synth, tmp_path):
     assert r1["metrics"]["steps"] == 4 and r1["metrics"]["n_val"] == 4
     cfg = r1["cfg"]
     assert cfg.preset == "synth" and cfg.epochs == 2 and cfg.data_root == str(tiny_synth)
-    from getam.train import make_config
+    from getam.train.singlestage import make_config
     preset = make_config(preset="synth", pretrained=True)         # the recipe itself flows in (fine-tuning the shipped ViT), only the overrides change
     assert cfg.pretrained and (cfg.lr, cfg.embed_dim, cfg.cls_only_frac) == (preset.lr, preset.embed_dim, preset.cls_only_frac) == (1e-3, 64, 0.25)
     assert not r1["model"].training

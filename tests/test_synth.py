@@ -176,7 +176,7 @@ def test_plain_cam_covers_mainly_the_discriminative_part():
     thread count (CI runs the suite at 1 thread and at the core count), and their mean is asserted. The ratio is
     multiplicative, so its mean is geometric: log-ratio 0.75 ± 0.22 (0.3) and 0.75 ± 0.29 (0.5) per net; for a mean of
     three, the bound 1.2 is 4.5 and 3.4 standard deviations away, and accuracy 0.85 is 3.8 sd away."""
-    from getam.classify import cam_part_coverage, train_cam_classifier
+    from getam.train.classify import cam_part_coverage, train_cam_classifier
     nets = {s: train_cam_classifier(seed=s, n_train=512, steps=300, threads=None) for s in (0, 1, 2)}
     runs = [cam_part_coverage(net, seed=s, n_val=120) for s, net in nets.items()]
     assert np.mean([r["class_accuracy"] for r in runs]) > 0.85  # all-negative guessing scores ~0.72
@@ -224,7 +224,7 @@ _PINNED = {
 
 def test_generator_output_is_pinned(tmp_path):
     """SynthVOC is a benchmark: a seed's images, masks, parts and saliency never change. Pinned byte for byte: the raw
-    arrays of train and val scenes, of the "pretrain" split `getam.pretrain.SceneCorpus` draws from (seeds from
+    arrays of train and val scenes, of the "pretrain" split `getam.train.pretrain.SceneCorpus` draws from (seeds from
     `BENCHMARK_SEED_LIMIT` on), of 64- and 200-pixel scenes, and every file of a small VOC and COCO export. The scenes
     include clutter false positives and half-detected objects of the simulated saliency detector, and all six classes."""
     from getam.synth import BENCHMARK_SEED_LIMIT

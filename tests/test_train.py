@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
 from getam.completion import LabelRule
 from getam.data import eval_transform, load_dataset
-from getam.experiments import load_run
-from getam.infer import evaluate_segmenter
-from getam.losses import seg_loss
+from getam.repro.experiments import load_run
+from getam.train.infer import evaluate_segmenter
+from getam.train.losses import seg_loss
 from getam.metrics import score_folder
-from getam.step import class_token_saliency, lr_at, step_losses, two_forward_losses
-from getam.train import TrainConfig, arg_parser, make_config, train
+from getam.train.step import class_token_saliency, lr_at, step_losses, two_forward_losses
+from getam.train.singlestage import TrainConfig, arg_parser, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,14 +98,14 @@ def test_poly_schedule_and_phase2_scale():
 
 
 def test_method_functions_run_without_a_training_config():
-    "The step and inference take the label rule and their settings as arguments: getam.train is never imported."
+    "The step and inference take the label rule and their settings as arguments: getam.train.singlestage is never imported."
     code = """
 import sys, torch
 from getam.backbones import tiny_backbone
 from getam.model import GetamSegmenter
 from getam.completion import LabelRule
-from getam.step import step_losses, two_forward_losses
-from getam.infer import make_pseudo_labels, pseudo_label_dataset
+from getam.train.step import step_losses, two_forward_losses
+from getam.train.infer import make_pseudo_labels, pseudo_label_dataset
 torch.manual_seed(0)
 m = GetamSegmenter(tiny_backbone("vit", num_classes=3, img_size=32, depth=4), num_classes=3, features=16)
 g = torch.Generator().manual_seed(0)
@@ -119,7 +119,7 @@ mask = torch.zeros(32, 32, dtype=torch.long)
 items = [dict(image=b["image"][i], label=b["label"][i], mask=mask, name=str(i)) for i in range(2)]
 cm = pseudo_label_dataset(m, items, rule=LabelRule(saliency="attention"))
 assert pl.shape == (2, 32, 32) and int(cm.mat.sum() + cm.missed.sum()) == 2 * 32 * 32
-assert "getam.train" not in sys.modules, sorted(k for k in sys.modules if k.startswith("getam"))
+assert "getam.train.singlestage" not in sys.modules, sorted(k for k in sys.modules if k.startswith("getam"))
 print("ok")
 """
     import subprocess, sys
@@ -130,8 +130,8 @@ print("ok")
 
 def test_label_rule_and_step_defaults_equal_train_config_defaults():
     import dataclasses, inspect
-    from getam.infer import make_pseudo_labels, pseudo_label_dataset
-    from getam.step import phase2_start
+    from getam.train.infer import make_pseudo_labels, pseudo_label_dataset
+    from getam.train.step import phase2_start
     def defaults(fn):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
     cfg = TrainConfig()
@@ -310,7 +310,7 @@ def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_pat
 def test_train_notebook_documents_the_synth_preset():
     "Every value of the synth preset, fine-tuning (the notebook's default), is shown in brackets in the parameters cell of nbs/train.ipynb."
     import ast, re
-    from getam.train import FINETUNE, PRESETS
+    from getam.train.singlestage import FINETUNE, PRESETS
     nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     shown = {m[1]: m[2] for m in re.finditer(r"^(\w+) = None\s+#.*\[([^\]]+)\]$", "".join(cell["source"]), re.M)}

@@ -29,7 +29,7 @@ def with_threads(threads, fn, *args, **kw):
 
 def cam_coverage(seed, threads, n_train=512, steps=300, n_val=120):
     "tests/test_synth.py::test_plain_cam_covers_mainly_the_discriminative_part (and 10_data's cell at 768/400/200)."
-    from getam.classify import cam_part_coverage, train_cam_classifier
+    from getam.train.classify import cam_part_coverage, train_cam_classifier
     net = train_cam_classifier(seed=seed, n_train=n_train, steps=steps, threads=threads)
     r = with_threads(threads, cam_part_coverage, net, seed=seed, n_val=n_val, thresholds=(0.3, 0.5, 0.7))
     out = {"class_accuracy": r["class_accuracy"], "exact_match": r["exact_match"]}
@@ -48,7 +48,7 @@ def pretrain_loss(seed, threads):
     losses < the mean of the first 8."""
     import csv
     import tempfile
-    from getam.pretrain import PRETRAIN_SEED, pretrain
+    from getam.train.pretrain import PRETRAIN_SEED, pretrain
     from getam.synth import make_synthvoc
     with tempfile.TemporaryDirectory() as d:
         val = make_synthvoc(Path(d) / "synth", n_train=4, n_val=8, size=64)
@@ -66,7 +66,7 @@ def deeplab_two_steps(seed, threads):
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from test_deeplab import train_step
     from getam.deeplab import DeepLabV2
-    from getam.multistage import make_optimizer
+    from getam.train.multistage import make_optimizer
 
     def run():
         torch.manual_seed(seed)
@@ -90,7 +90,7 @@ def deeplab_first_order(seed, threads):
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from test_deeplab import train_step
     from getam.deeplab import DeepLabV2
-    from getam.multistage import make_optimizer
+    from getam.train.multistage import make_optimizer
 
     def run():
         torch.manual_seed(seed)
@@ -112,9 +112,9 @@ def deeplab_first_order(seed, threads):
 
 
 def classify_linear(seed, threads):
-    "nbs/67_classify.ipynb: a linear model on a toy task halves its loss in 30 epochs and reaches micro-F1 > 0.9."
+    "nbs/57_classify.ipynb: a linear model on a toy task halves its loss in 30 epochs and reaches micro-F1 > 0.9."
     from torch import nn
-    from getam.classify import TensorItems, multilabel_f1, train_classifier
+    from getam.train.classify import TensorItems, multilabel_f1, train_classifier
 
     def run():
         g = torch.Generator().manual_seed(seed)
@@ -131,12 +131,12 @@ def classify_linear(seed, threads):
 
 
 def loop_line(seed, threads):
-    "nbs/62_loop.ipynb: fitting y = 2x: the last loss < first / 10 and the weight within 0.05 of 2."
+    "nbs/52_loop.ipynb: fitting y = 2x: the last loss < first / 10 and the weight within 0.05 of 2."
     import tempfile
     from torch import nn
     import torch.nn.functional as F
     from torch.utils.data import Dataset
-    from getam.loop import fit
+    from getam.train.loop import fit
 
     class Line(Dataset):
         def __len__(self): return 16
