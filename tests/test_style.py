@@ -1,6 +1,7 @@
 """Reading standards (STYLE.md, "Density"): no line over 120 characters and no `;`-joined statements in the package,
-the tests and the tools, checked with ruff's E501 and E702. One line is exempt: the `__all__ = [...]` line that nbdev
-writes, which it wraps at 120 characters before it adds the 10 of `__all__ = ` (nbdev 3.3, `ModuleMaker.make`)."""
+the tests and the tools, checked with ruff's E501 and E702. Two kinds of line are exempt, both written by nbdev 3.3
+itself: the `__all__ = [...]` line, which it wraps at 120 characters before it adds the 10 of `__all__ = `
+(`ModuleMaker.make`), and the module list (`- `getam.x`: summary`) it writes into `getam/__init__.py`'s docstring."""
 import json
 import shutil
 import subprocess
@@ -21,7 +22,8 @@ def violations(paths=PATHS, root=ROOT) -> list[str]:
     for v in json.loads(out.stdout or "[]"):
         path = Path(v["filename"])
         line = path.read_text().splitlines()[v["location"]["row"] - 1]
-        if v["code"] == "E501" and line.startswith("__all__ = "): continue
+        nbdev_line = line.startswith("__all__ = ") or (path.name == "__init__.py" and line.startswith("- `getam."))
+        if v["code"] == "E501" and nbdev_line: continue
         found.append(f"{path.relative_to(root)}:{v['location']['row']}: {v['code']} {v['message']}")
     return found
 
