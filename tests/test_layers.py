@@ -61,11 +61,13 @@ def test_imports_go_down_and_sit_at_the_top(mod):
 def test_no_import_circles():
     g, state, path = graph(), {}, []
     def visit(m):
-        state[m] = "open"; path.append(m)
+        state[m] = "open"
+        path.append(m)
         for n in sorted(g.get(m, ())):
             if state.get(n) == "open": raise AssertionError("import circle: " + " -> ".join(path[path.index(n):] + [n]))
             if n not in state: visit(n)
-        state[m] = "done"; path.pop()
+        state[m] = "done"
+        path.pop()
     for m in g:
         if m not in state: visit(m)
 

@@ -32,6 +32,8 @@ def test_no_long_lines_and_no_semicolon_joins():
 
 
 def test_the_check_can_fail(tmp_path):
-    (tmp_path / "bad.py").write_text("a = 1; b = 2\n" + "x = '" + "y" * 130 + "'\n" + "__all__ = ['" + "z" * 120 + "']\n")
+    (tmp_path / "bad.py").write_text("a = 1; b = 2\n"
+                                     + "x = '" + "y" * 130 + "'\n"
+                                     + "__all__ = ['" + "z" * 120 + "']\n")
     found = violations(["bad.py"], tmp_path)
     assert [f.split(": ", 1)[1].split()[0] for f in found] == ["E702", "E501"], found

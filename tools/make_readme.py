@@ -14,7 +14,8 @@ def render(index: Path = ROOT / "nbs" / "index.ipynb") -> str:
         src = "".join(cell["source"]).strip()
         if not src or src.startswith("#| hide"): continue
         parts.append(src if cell["cell_type"] == "markdown" else f"```python\n{src}\n```")
-    return "<!-- Made from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n" + "\n\n".join(parts) + "\n"
+    return ("<!-- Made from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n"
+            + "\n\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":
