@@ -1,4 +1,5 @@
-"Tests of getam.backbones: the paper's timm backbones, offline weights, attention recording that leaves the model untouched."
+"""Tests of getam.backbones: the paper's timm backbones, offline weights,
+attention recording that leaves the model untouched."""
 import pytest
 import torch
 from torch import nn
@@ -152,7 +153,8 @@ def test_model_restored_exactly(kind):
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
     with torch.no_grad():
         assert torch.equal(m(x), before)
-    assert len(rec.attn) == (2 if kind == "vit_hybrid" else 3)  # default blocks: the hybrid sums its last half (3 // 2 = 1 on)
+    # default blocks: the hybrid sums its last half (3 // 2 = 1 on)
+    assert len(rec.attn) == (2 if kind == "vit_hybrid" else 3)
 
 
 def test_recorder_keeps_last_forward_and_complains_before_any():
@@ -171,7 +173,8 @@ def test_frozen_model_and_wrapped_backbone():
 
     class TwoBranch(nn.Module):
         def __init__(self):
-            super().__init__(); self.backbone = vit
+            super().__init__()
+            self.backbone = vit
 
         def forward(self, x): return self.backbone(x)
 
@@ -285,7 +288,8 @@ def test_tiny_kinds_build_and_run():
     ("vit", dict(global_pool="avg"), "which this head never reads"),
     ("eva", dict(global_pool="avg"), "Eva has global_pool='avg' and a [class] token"),
     ("beit", dict(global_pool="avg"), "Beit has global_pool='avg'"),
-    ("relpos", dict(class_token=False, global_pool="avg"), "VisionTransformerRelPos has global_pool='avg' and no [class] token"),
+    ("relpos", dict(class_token=False, global_pool="avg"),
+     "VisionTransformerRelPos has global_pool='avg' and no [class] token"),
 ])
 def test_no_class_token_readout_is_refused_with_the_reason(kind, kw, msg):
     m = tiny_backbone(kind, **kw)
@@ -296,7 +300,8 @@ def test_no_class_token_readout_is_refused_with_the_reason(kind, kw, msg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kw", [("vit_small_patch14_reg4_dinov2", {}), ("vit_base_patch16_clip_224", {}),
-                                     ("deit3_small_patch16_224", {}), ("eva02_tiny_patch14_224", dict(global_pool="token")),
+                                     ("deit3_small_patch16_224", {}),
+                                     ("eva02_tiny_patch14_224", dict(global_pool="token")),
                                      ("beit_base_patch16_224", dict(global_pool="token")),
                                      ("vit_relpos_base_patch16_clsgap_224", dict(global_pool="token"))])
 def test_real_family_names_build_offline_and_record(name, kw):

@@ -1,4 +1,5 @@
-"Tests of getam.cams: GETAM equals a slow per-(image, class) reference, the cost model holds, the baselines are what Sec. 3 / Table 1 say."
+"""Tests of getam.cams: GETAM equals a slow per-(image, class) reference, the cost model holds,
+the baselines are what Sec. 3 / Table 1 say."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ def slow_reference(model, images, labels, layers, fusion="sum"):
                 A, G = saved[i][0].double(), saved[i].grad[0].double()   # [heads, N, N]
                 M = torch.stack([(G[k] * A[k]).clamp(min=0) for k in range(len(A))]).mean(0) * \
                     torch.stack([G[k].clamp(min=0) for k in range(len(A))]).mean(0)
-                per_layer.append(M[0, p:]); mats.append(M)
+                per_layer.append(M[0, p:])
+                mats.append(M)
             if fusion == "sum":
                 maps[b, c] = sum(per_layer)
             elif fusion == "product":
@@ -99,7 +101,8 @@ def test_getam_layers_ingredients():
     model = tiny_backbone("deit_distilled", depth=3).eval()
     x = torch.randn(3, 3, 32, 40)
     r = getam_layers(model, x, LABELS)
-    assert r.per_layer.shape == (3, 3, 4, 4, 5) and r.a_cls.shape == (3, 3, 4, 5) and r.grad_cls.shape == (3, 3, 4, 4, 5)
+    assert (r.per_layer.shape == (3, 3, 4, 4, 5) and r.a_cls.shape == (3, 3, 4, 5)
+            and r.grad_cls.shape == (3, 3, 4, 4, 5))
     torch.testing.assert_close(r.maps, getam(model, x, LABELS))
     torch.testing.assert_close(r.per_layer.sum(0), r.maps)
     for i in range(3):
@@ -119,7 +122,8 @@ def test_single_head_ingredients_give_eq2():
     r = getam_layers(model, x, y)
     # one head: GETAM^i_c = ReLU(∇A ⊙ A) ⊙ ReLU(∇A) = A ⊙ ReLU(∇A)^2
     torch.testing.assert_close(r.per_layer, r.a_cls[:, :, None] * F.relu(r.grad_cls) ** 2)
-    torch.testing.assert_close(att_gradients(model, x, y, layers=[2]), r.a_cls[2][:, None] * F.relu(r.grad_cls[2]) * (y > 0)[..., None, None])
+    torch.testing.assert_close(att_gradients(model, x, y, layers=[2]),
+                               r.a_cls[2][:, None] * F.relu(r.grad_cls[2]) * (y > 0)[..., None, None])
 
 
 def test_cost_one_forward_maxk_vjps_no_param_grads(monkeypatch):
@@ -129,7 +133,8 @@ def test_cost_one_forward_maxk_vjps_no_param_grads(monkeypatch):
     y = torch.tensor([[1., 1, 1, 0], [1., 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]])   # sum K = 6, max K = 3
     calls, forwards = [], []
     real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda out, inp, *a, **k: calls.append(len(inp)) or real_grad(out, inp, *a, **k))
+    monkeypatch.setattr(torch.autograd, "grad",
+                        lambda out, inp, *a, **k: calls.append(len(inp)) or real_grad(out, inp, *a, **k))
     h = model.register_forward_hook(lambda *a: forwards.append(1))
     getam(model, x, y)
     h.remove()
@@ -148,7 +153,9 @@ def test_model_left_unchanged():
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     for f in ("sum", "product", "matmul"):
         getam_layers(model, x, LABELS[:2], fusion=f)
-    grad_cam(model, x, LABELS[:2]); att_gradients(model, x, LABELS[:2]); ts_cam(model, x, LABELS[:2])
+    grad_cam(model, x, LABELS[:2])
+    att_gradients(model, x, LABELS[:2])
+    ts_cam(model, x, LABELS[:2])
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     assert [b.attn.fused_attn for b in model.blocks] == [True] * 3 and not model.training
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks == 0
@@ -185,14 +192,17 @@ def test_frozen_and_wrapped_models_and_no_grad_context():
 
     class TwoBranch(nn.Module):
         def __init__(self):
-            super().__init__(); self.backbone = vit
+            super().__init__()
+            self.backbone = vit
 
         def forward(self, x): return self.backbone(x)
 
     vit.requires_grad_(False)
     with torch.no_grad():
         torch.testing.assert_close(getam(TwoBranch(), x, y), ref)
-    vit.distilled_training = True; vit.train()   # (head, head_dist) pair in training mode → averaged
+    # (head, head_dist) pair in training mode → averaged
+    vit.distilled_training = True
+    vit.train()
     for m in vit.modules():
         if isinstance(m, nn.Dropout): assert m.p == 0
     torch.testing.assert_close(getam(vit, x, y), ref)
@@ -242,7 +252,8 @@ def test_cam_ignore_is_the_classifier_per_token():
         torch.testing.assert_close(cam_ignore(model, x, y, relu=False), want)
         torch.testing.assert_close(cam_ignore(model, x, y), F.relu(want))
         add = sum(h(O[:, p:] + O[:, :1]) for h in heads) / len(heads)
-        torch.testing.assert_close(cam_add(model, x, y, relu=False), add.transpose(1, 2).reshape(2, 4, 4, 5) * y[..., None, None])
+        torch.testing.assert_close(cam_add(model, x, y, relu=False),
+                                   add.transpose(1, 2).reshape(2, 4, 4, 5) * y[..., None, None])
 
 
 def test_cam_mean_is_the_logit_for_avg_pooling():
@@ -260,7 +271,8 @@ def test_grad_cam_by_hand():
     model.norm = nn.Identity()
     with torch.no_grad():   # the last block passes its input through: O entering it = O leaving it
         for w in (model.blocks[-1].attn.proj, model.blocks[-1].mlp.fc2):
-            w.weight.zero_(); w.bias.zero_()
+            w.weight.zero_()
+            w.bias.zero_()
     x, y = torch.randn(2, 3, 32, 40), torch.tensor([[1., 0, 0, 1], [0, 1, 1, 0]])
     with torch.no_grad():
         O = model.forward_features(x)[:, 1:]
@@ -277,7 +289,8 @@ def test_att_gradients_and_getam_with_one_head():
     ag = att_gradients(model, x, y, layers=[1])
     torch.testing.assert_close(r.maps, ag ** 2 / r.a_cls[0][:, None], rtol=1e-5, atol=1e-12)
     # and summing over blocks is the default
-    torch.testing.assert_close(att_gradients(model, x, y), sum(att_gradients(model, x, y, layers=[i]) for i in range(3)))
+    torch.testing.assert_close(att_gradients(model, x, y),
+                               sum(att_gradients(model, x, y, layers=[i]) for i in range(3)))
 
 
 def test_ts_cam_is_layer_mean_attention_times_token_cam():
@@ -295,7 +308,8 @@ def test_cnn_cam_mean_plus_bias_is_the_logit():
     model = create_backbone("resnet18", num_classes=3).eval()
     x, y = torch.randn(2, 3, 64, 96), torch.ones(2, 3)
     with torch.no_grad():
-        torch.testing.assert_close(cnn_cam(model, x, y, relu=False).mean((-2, -1)) + model.fc.bias, model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cnn_cam(model, x, y, relu=False).mean((-2, -1)) + model.fc.bias, model(x),
+                                   rtol=1e-4, atol=1e-5)
     m = cnn_cam(model, x, torch.tensor([[1., 0, 0], [0, 0, 1]]))
     assert m.shape == (2, 3, 2, 3) and m[0, 1:].abs().sum() == 0 and (m >= 0).all()
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -304,7 +318,8 @@ def test_cnn_cam_mean_plus_bias_is_the_logit():
 
 def test_normalize_and_resize():
     m = torch.tensor([[[[0., 2], [1, 4]], [[0, 0], [0, 0]], [[0, 0], [0, 1e-30]]]])
-    torch.testing.assert_close(normalize_maps(m), torch.tensor([[[[0., .5], [.25, 1]], [[0, 0], [0, 0]], [[0, 0], [0, 1]]]]))
+    torch.testing.assert_close(normalize_maps(m),
+                               torch.tensor([[[[0., .5], [.25, 1]], [[0, 0], [0, 0]], [[0, 0], [0, 1]]]]))
     r = resize_maps(torch.arange(4.).view(1, 1, 2, 2), (4, 4))
     assert r.shape == (1, 1, 4, 4) and r[0, 0, 0, 0] == 0 and r[0, 0, -1, -1] == 3
     torch.testing.assert_close(r[0, 0, 1, 1], torch.tensor(0.75))   # bilinear, align_corners=False
@@ -343,7 +358,8 @@ def test_grad_cam_not_zero_for_class_token_models():
 
 @pytest.mark.parametrize("kind", ["vit_reg", "clip", "deit3", "eva", "beit", "relpos"])
 def test_getam_every_family_equals_slow_reference(kind):
-    "Registers (p = 5), CLIP, DeiT III, EVA-02 (RoPE), BEiT (relative bias), ViT-RelPos: the batched maps = per (image, class) autograd."
+    """Registers (p = 5), CLIP, DeiT III, EVA-02 (RoPE), BEiT (relative bias), ViT-RelPos: the batched maps = per
+    (image, class) autograd."""
     torch.manual_seed(0)
     model = tiny_backbone(kind).eval()
     sizes = [(32, 32), (48, 40)] if getattr(model, "dynamic_img_size", False) else [(32, 32)]
@@ -366,11 +382,13 @@ def test_att_gradients_every_family_one_head(kind):
     model = tiny_backbone(kind, num_heads=1).eval()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1., 0, 1, 0], [0, 1, 0, 0]])
     r = getam_layers(model, x, y, layers=[1])
-    torch.testing.assert_close(r.maps, att_gradients(model, x, y, layers=[1]) ** 2 / r.a_cls[0][:, None], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(r.maps, att_gradients(model, x, y, layers=[1]) ** 2 / r.a_cls[0][:, None],
+                               rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,kw", [("vit", dict(class_token=False, global_pool="avg")),    # GAP ViT: row 0 is a patch
-                                     ("vit", dict(class_token=False, global_pool="map", reg_tokens=1)),  # attention pool
+                                     # attention pool
+                                     ("vit", dict(class_token=False, global_pool="map", reg_tokens=1)),
                                      ("eva", dict(global_pool="avg")), ("beit", dict(global_pool="avg")),
                                      ("relpos", dict(class_token=False, global_pool="avg"))])
 def test_no_class_token_readout_is_refused_never_silent(kind, kw):
@@ -415,6 +433,7 @@ def test_target_labels_by_hand():
     logits = torch.tensor([[0., 3, 1, 2], [5, -1, 0, 4]])
     assert target_labels(None, logits, top_k=3).tolist() == [[0., 1, 1, 1], [1, 0, 1, 1]]
     assert target_labels(torch.tensor([[2, 2], [3, -1]]), logits).tolist() == [[0., 0, 1, 0], [0, 0, 0, 1]]
-    assert target_labels(torch.tensor([[True, False, False, True], [False] * 4]), logits).tolist() == [[1., 0, 0, 1], [0] * 4]
+    assert (target_labels(torch.tensor([[True, False, False, True], [False] * 4]), logits).tolist()
+            == [[1., 0, 0, 1], [0] * 4])
     with pytest.raises(ValueError, match="one per image"):
         target_labels([[0], [1], [2]], logits)

@@ -1,5 +1,6 @@
 """The command lines answer a user's mistake with one `error:` line naming the path or value, exit code 2, no traceback
-(unless --debug), and nothing half-written in the output folder. Each case runs `python -m getam.train` in a subprocess."""
+(unless --debug), and nothing half-written in the output folder.
+Each case runs `python -m getam.train` in a subprocess."""
 import os
 import subprocess
 import sys
@@ -12,8 +13,8 @@ from safetensors.torch import save_file
 
 from getam.synth import make_synthvoc
 
-TRAIN = [sys.executable, "-m", "getam.train", "--preset", "synth", "--epochs", "1", "--batch-size", "4", "--threads", "1",
-         "--no-progress", "--no-plots"]
+TRAIN = [sys.executable, "-m", "getam.train", "--preset", "synth", "--epochs", "1", "--batch-size", "4",
+         "--threads", "1", "--no-progress", "--no-plots"]
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,26 @@ def _run(args, tmp_path, debug=False):
 def _case(name, synth, tmp_path):
     "(arguments, text the error line must contain) of one bad input."
     if name == "missing root":
-        return ["--dataset", "voc", "--data-root", str(tmp_path / "nope")], "nope: not found; expected the PASCAL VOC 2012 folder"
+        return (["--dataset", "voc", "--data-root", str(tmp_path / "nope")],
+                "nope: not found; expected the PASCAL VOC 2012 folder")
     if name == "corrupt image":
         root = _copy(synth, tmp_path / "s")
-        f = sorted((root / "JPEGImages").iterdir())[0]; f.write_bytes(f.read_bytes()[:100])
+        f = sorted((root / "JPEGImages").iterdir())[0]
+        f.write_bytes(f.read_bytes()[:100])
         return ["--data-root", str(root)], f"{f.name}: cannot decode this image"
     if name == "missing image":
-        root = _copy(synth, tmp_path / "s"); f = sorted((root / "JPEGImages").iterdir())[0]; f.unlink()
+        root = _copy(synth, tmp_path / "s")
+        f = sorted((root / "JPEGImages").iterdir())[0]
+        f.unlink()
         return ["--data-root", str(root)], f"{f.name}: not found; expected the JPEG image"
     if name == "missing saliency map":
-        root = _copy(synth, tmp_path / "s"); f = sorted((root / "SaliencyMaps").iterdir())[0]; f.unlink()
+        root = _copy(synth, tmp_path / "s")
+        f = sorted((root / "SaliencyMaps").iterdir())[0]
+        f.unlink()
         return ["--data-root", str(root)], f"{f.name}: not found; expected the saliency map"
     if name == "wrong cls_labels.npy":
-        root = _copy(synth, tmp_path / "s"); np.save(root / "cls_labels.npy", np.zeros(3))
+        root = _copy(synth, tmp_path / "s")
+        np.save(root / "cls_labels.npy", np.zeros(3))
         return ["--data-root", str(root)], "cls_labels.npy: holds an array of shape (3,), expected a dict"
     if name == "malformed COCO JSON":
         root = tmp_path / "coco"
@@ -58,22 +66,25 @@ def _case(name, synth, tmp_path):
         return ["--dataset", "coco", "--data-root", str(root)], "instances_train2014.json: not a COCO instances file"
     if name == "weights that do not fit":
         save_file({"weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
-        return ["--data-root", str(synth), "--weights", str(tmp_path / "w.safetensors")], "w.safetensors does not fit vit_tiny_patch16_224"
+        return (["--data-root", str(synth), "--weights", str(tmp_path / "w.safetensors")],
+                "w.safetensors does not fit vit_tiny_patch16_224")
     if name == "unknown parameter value":
         return ["--data-root", str(synth), "--fusion", "max"], "fusion='max' is not valid; valid: sum, product, matmul"
     if name == "--resume with no checkpoint":
         return ["--data-root", str(synth), "--resume"], "no checkpoint to resume from"
     if name == "truncated checkpoint":
         out = tmp_path / "out"
-        r = subprocess.run(TRAIN + ["--data-root", str(synth), "--out-dir", str(out), "--stop-at-step", "1"], capture_output=True, text=True, cwd=tmp_path)
+        r = subprocess.run(TRAIN + ["--data-root", str(synth), "--out-dir", str(out), "--stop-at-step", "1"],
+                           capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         (out / "state.pt").write_bytes((out / "state.pt").read_bytes()[:200])
         return ["--data-root", str(synth), "--resume"], "cannot read the checkpoint"
     raise KeyError(name)
 
 
-CASES = ["missing root", "corrupt image", "missing image", "missing saliency map", "wrong cls_labels.npy", "malformed COCO JSON",
-         "weights that do not fit", "unknown parameter value", "--resume with no checkpoint", "truncated checkpoint"]
+CASES = ["missing root", "corrupt image", "missing image", "missing saliency map", "wrong cls_labels.npy",
+         "malformed COCO JSON", "weights that do not fit", "unknown parameter value",
+         "--resume with no checkpoint", "truncated checkpoint"]
 
 
 @pytest.mark.slow
@@ -93,5 +104,6 @@ def test_bad_input_gives_one_line_and_exit_code_2(name, synth, tmp_path):
 
 @pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
-    r = _run(["--dataset", "voc", "--data-root", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")], tmp_path, debug=True)
+    r = _run(["--dataset", "voc", "--data-root", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")],
+             tmp_path, debug=True)
     assert r.returncode == 1 and "Traceback" in r.stderr and "nope: not found" in r.stderr

@@ -6,9 +6,11 @@ from getam.config import get_settings, setting
 
 
 def test_nearest_file_wins_over_user_file_and_paths_resolve_against_their_file(tmp_path, monkeypatch):
-    user = tmp_path / "xdg" / "getam"; user.mkdir(parents=True)
+    user = tmp_path / "xdg" / "getam"
+    user.mkdir(parents=True)
     (user / "settings.ini").write_text("[getam]\ncoco_root = /user/coco\nvoc_root = /user/voc\n")
-    proj = tmp_path / "proj"; (proj / "nbs").mkdir(parents=True)
+    proj = tmp_path / "proj"
+    (proj / "nbs").mkdir(parents=True)
     (proj / "settings.ini").write_text("[getam]\nvoc_root = data/VOC\n")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     s = get_settings(proj / "nbs")

@@ -1,4 +1,5 @@
-"getam.data on generated fixtures: VOC layout and COCO format read pixel for pixel, joint transforms keep alignment, every error names its path and key."
+"""getam.data on generated fixtures: VOC layout and COCO format read pixel for pixel,
+joint transforms keep alignment, every error names its path and key."""
 import json
 import shutil
 
@@ -17,22 +18,32 @@ from getam.synth import make_synthvoc
 
 # ---------------------------------------------------------------- fixtures
 def _png_rgb(path, a):  # lossless RGB images, so pixel values can be compared exactly
-    path.parent.mkdir(parents=True, exist_ok=True); Image.fromarray(a).save(path, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, format="PNG")
 
 
 @pytest.fixture
 def voc(tmp_path):
     "A tiny VOC 2012 tree: two train images, one val, one test; masks with 255 borders; saliency 0/1/128/255."
-    r = tmp_path / "VOC2012"; seg = r / "ImageSets" / "Segmentation"; seg.mkdir(parents=True)
+    r = tmp_path / "VOC2012"
+    seg = r / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
     masks, imgs = {}, {}
     for k, name in enumerate(["2007_000001", "2007_000002", "2008_000003", "2009_000004"]):
         h, w = 5 + k, 7
-        img = np.zeros((h, w, 3), np.uint8); img[..., 0] = np.arange(w) * 30; img[..., 1] = k * 50
-        m = np.zeros((h, w), np.uint8); m[1:4, 2:5] = k + 1; m[1, 2] = 255
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 0] = np.arange(w) * 30
+        img[..., 1] = k * 50
+        m = np.zeros((h, w), np.uint8)
+        m[1:4, 2:5] = k + 1
+        m[1, 2] = 255
         imgs[name], masks[name] = img, m
-        (r / "JPEGImages").mkdir(exist_ok=True); Image.fromarray(img).save(r / "JPEGImages" / f"{name}.jpg", quality=95)
+        (r / "JPEGImages").mkdir(exist_ok=True)
+        Image.fromarray(img).save(r / "JPEGImages" / f"{name}.jpg", quality=95)
         if k < 3: write_png(r / "SegmentationClassAug" / f"{name}.png", m)
-        write_png(r / "Sal" / f"{name}.png", np.where(m > 0, 255, 0).astype(np.uint8) if k else np.array([[0, 1, 128, 255, 0, 0, 0]] * h, np.uint8))
+        write_png(r / "Sal" / f"{name}.png",
+                  np.where(m > 0, 255, 0).astype(np.uint8) if k
+                  else np.array([[0, 1, 128, 255, 0, 0, 0]] * h, np.uint8))
     (seg / "train.txt").write_text("2007_000001\n2007_000002\n")
     (seg / "train_aug.txt").write_text("/JPEGImages/2007_000001.jpg /SegmentationClassAug/2007_000001.png\n")
     (seg / "val.txt").write_text("2008_000003\n")
@@ -49,15 +60,20 @@ def _box(x, y, w, h): return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 def coco(tmp_path):
     "A tiny COCO tree: category ids with gaps (4, 9, 20), overlapping instances, a crowd RLE, an unlabelled image."
     from pycocotools import mask as mu
-    r = tmp_path / "coco"; (r / "annotations").mkdir(parents=True)
+    r = tmp_path / "coco"
+    (r / "annotations").mkdir(parents=True)
     _png_rgb(r / "mini" / "img_a.jpg", np.full((10, 12, 3), 77, np.uint8))  # PNG bytes: PIL reads by content
     _png_rgb(r / "mini" / "img_b.jpg", np.full((6, 6, 3), 10, np.uint8))
-    crowd = np.zeros((10, 12), np.uint8); crowd[7:10, 0:12] = 1
-    rle = mu.encode(np.asfortranarray(crowd)); rle["counts"] = rle["counts"].decode()
-    anns = [dict(id=1, image_id=1, category_id=4, segmentation=_box(0, 0, 8, 8), area=64, bbox=[0, 0, 8, 8], iscrowd=0),
-            dict(id=2, image_id=1, category_id=20, segmentation=_box(6, 2, 4, 4), area=16, bbox=[6, 2, 4, 4], iscrowd=0),
-            dict(id=3, image_id=1, category_id=9, segmentation=rle, area=36, bbox=[0, 7, 12, 3], iscrowd=1)]
-    js = dict(images=[dict(id=1, file_name="img_a.jpg", height=10, width=12), dict(id=2, file_name="img_b.jpg", height=6, width=6)],
+    crowd = np.zeros((10, 12), np.uint8)
+    crowd[7:10, 0:12] = 1
+    rle = mu.encode(np.asfortranarray(crowd))
+    rle["counts"] = rle["counts"].decode()
+    anns = [
+        dict(id=1, image_id=1, category_id=4, segmentation=_box(0, 0, 8, 8), area=64, bbox=[0, 0, 8, 8], iscrowd=0),
+        dict(id=2, image_id=1, category_id=20, segmentation=_box(6, 2, 4, 4), area=16, bbox=[6, 2, 4, 4], iscrowd=0),
+        dict(id=3, image_id=1, category_id=9, segmentation=rle, area=36, bbox=[0, 7, 12, 3], iscrowd=1)]
+    js = dict(images=[dict(id=1, file_name="img_a.jpg", height=10, width=12),
+                      dict(id=2, file_name="img_b.jpg", height=6, width=6)],
               annotations=anns, categories=[dict(id=20, name="zebra"), dict(id=4, name="cat"), dict(id=9, name="dog")])
     (r / "annotations" / "instances_mini.json").write_text(json.dumps(js))
     exp = np.zeros((10, 12), np.int64)
@@ -77,13 +93,16 @@ def test_class_names_and_palette():
 
 
 def test_palette_png_roundtrip_is_atomic(tmp_path):
-    m = np.arange(30, dtype=np.uint8).reshape(5, 6); m[0, 0] = 255
+    m = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    m[0, 0] = 255
     p = write_palette_png(tmp_path / "a" / "m.png", m)
-    im = Image.open(p); assert im.mode == "P"
+    im = Image.open(p)
+    assert im.mode == "P"
     assert np.asarray(im.getpalette()[:9]).tolist() == [0, 0, 0, 128, 0, 0, 0, 128, 0]
     assert (read_png(p) == m).all()
     assert [f.name for f in p.parent.iterdir()] == ["m.png"]
-    with pytest.raises(ValueError, match="values in 0..255"): write_palette_png(tmp_path / "b.png", np.full((2, 2), 300))
+    with pytest.raises(ValueError, match="values in 0..255"):
+        write_palette_png(tmp_path / "b.png", np.full((2, 2), 300))
 
 
 # ---------------------------------------------------------------- VOC layout
@@ -103,7 +122,8 @@ def test_voc_items_pixel_for_pixel(voc):
 def test_saliency_threshold(voc):
     r, _, _ = voc
     assert VOCDataset(r, "train", saliency_root=r / "Sal")[0]["saliency"][0].tolist() == [0, 1, 1, 1, 0, 0, 0]
-    assert VOCDataset(r, "train", saliency_root=r / "Sal", saliency_threshold=128)[0]["saliency"][0].tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert (VOCDataset(r, "train", saliency_root=r / "Sal", saliency_threshold=128)[0]["saliency"][0].tolist()
+            == [0, 0, 0, 1, 0, 0, 0])
 
 
 def test_sbd_lines_palette_fallback_test_split_and_int_keys(voc):
@@ -121,7 +141,8 @@ def test_sbd_lines_palette_fallback_test_split_and_int_keys(voc):
 
 
 def test_load_dataset_dispatch(voc, coco, tmp_path, monkeypatch):
-    "Each name: its class, on the given root and split, with its class names and settings keys; root=None: settings.ini."
+    """Each name: its class, on the given root and split, with its class names and settings keys;
+    root=None: settings.ini."""
     r, _, _ = voc
     assert isinstance(load_dataset("voc", r, "val"), VOCDataset)
     (tmp_path / "settings.ini").write_text(f"[getam]\nvoc_root = {r}\n")
@@ -151,10 +172,15 @@ def test_load_dataset_dispatch(voc, coco, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("setup, split, kw, match", [
-    (lambda r: r / "missing", "train", {}, r"VOC2012/missing: not found; expected the PASCAL VOC 2012 folder.*set voc_root in settings.ini"),
-    (lambda r: r, "trainval", {}, r"ImageSets/Segmentation/trainval.txt: not found; expected the list of image ids.*splits found: test, train, train_aug, val.*voc_root"),
-    (lambda r: (r / "cls_labels.npy").unlink() or r, "train", {}, r"cls_labels.npy: not found; expected the image-level labels.*voc-labels.*voc_root"),
-    (lambda r: r, "train", {"saliency_root": "/nonexistent/sal"}, r"/nonexistent/sal: not found; expected the saliency maps.*voc_saliency_root"),
+    (lambda r: r / "missing", "train", {},
+     r"VOC2012/missing: not found; expected the PASCAL VOC 2012 folder.*set voc_root in settings.ini"),
+    (lambda r: r, "trainval", {},
+     (r"ImageSets/Segmentation/trainval.txt: not found; expected the list of image ids"
+      r".*splits found: test, train, train_aug, val.*voc_root")),
+    (lambda r: (r / "cls_labels.npy").unlink() or r, "train", {},
+     r"cls_labels.npy: not found; expected the image-level labels.*voc-labels.*voc_root"),
+    (lambda r: r, "train", {"saliency_root": "/nonexistent/sal"},
+     r"/nonexistent/sal: not found; expected the saliency maps.*voc_saliency_root"),
 ])
 def test_voc_errors_at_construction(voc, setup, split, kw, match):
     r, _, _ = voc
@@ -165,36 +191,50 @@ def test_voc_errors_per_item(voc):
     r, _, _ = voc
     ds = VOCDataset(r, "train", saliency_root=r / "Sal")
     (r / "JPEGImages" / "2007_000001.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"JPEGImages/2007_000001.jpg: not found; expected the JPEG image of id '2007_000001'.*train.txt.*voc_root"): ds[0]
+    with pytest.raises(FileNotFoundError, match=r"JPEGImages/2007_000001.jpg: not found; "
+                                                r"expected the JPEG image of id '2007_000001'.*train.txt.*voc_root"):
+        ds[0]
     (r / "SegmentationClassAug" / "2007_000002.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"SegmentationClassAug/2007_000002.png: not found; expected the class mask.*voc_root"): ds[1]
+    with pytest.raises(FileNotFoundError, match=r"SegmentationClassAug/2007_000002.png: not found; "
+                                                r"expected the class mask.*voc_root"):
+        ds[1]
     (r / "ImageSets" / "Segmentation" / "train.txt").write_text("2008_000003\n2007_000002\n")
     ds = VOCDataset(r, "train", saliency_root=r / "Sal")
     (r / "Sal" / "2008_000003.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"Sal/2008_000003.png: not found; expected the saliency map.*voc_saliency_root"): ds[0]
+    with pytest.raises(FileNotFoundError, match=r"Sal/2008_000003.png: not found; "
+                                                r"expected the saliency map.*voc_saliency_root"):
+        ds[0]
     np.save(r / "cls_labels.npy", {"x": np.zeros(20, np.float32)})
-    with pytest.raises(KeyError, match=r"cls_labels.npy: no label for image '2008_000003'.*voc_root"): VOCDataset(r, "train")[0]
+    with pytest.raises(KeyError, match=r"cls_labels.npy: no label for image '2008_000003'.*voc_root"):
+        VOCDataset(r, "train")[0]
 
 
 def test_corrupt_image_and_size_mismatch_name_the_file(voc):
     r, _, _ = voc
     (r / "JPEGImages" / "2007_000001.jpg").write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(ValueError, match=r"JPEGImages/2007_000001.jpg: cannot decode this image"): VOCDataset(r, "train")[0]
+    with pytest.raises(ValueError, match=r"JPEGImages/2007_000001.jpg: cannot decode this image"):
+        VOCDataset(r, "train")[0]
     write_png(r / "SegmentationClassAug" / "2007_000002.png", np.zeros((3, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"SegmentationClassAug/2007_000002.png: size \(3, 3\) differs from its image \(6, 7\)"):
+    with pytest.raises(ValueError, match=r"SegmentationClassAug/2007_000002.png: "
+                                         r"size \(3, 3\) differs from its image \(6, 7\)"):
         VOCDataset(r, "train")[1]
     with pytest.raises(ValueError, match="cannot decode"): read_image(r / "ImageSets" / "Segmentation" / "train.txt")
 
 
 def test_unknown_dataset_and_dataset_specific_keys(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'pascal'; valid: voc, coco, synth"): load_dataset("pascal", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"expected SynthVOC \(generate it with `python -m getam.synth.*synth_root"):
+    with pytest.raises(ValueError, match="unknown dataset 'pascal'; valid: voc, coco, synth"):
+        load_dataset("pascal", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"expected SynthVOC \(generate it with `python -m getam.synth"
+                                                r".*synth_root"):
         load_dataset("synth", tmp_path / "none")
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
     (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
-    (tmp_path / "SegmentationClassAug").mkdir(); np.save(tmp_path / "cls_labels.npy", {})
-    with pytest.raises(FileNotFoundError, match="synth_saliency_root"): load_dataset("synth", tmp_path, "train", saliency_root=tmp_path / "s")
-    with pytest.raises(FileNotFoundError, match=r"JPEGImages/a.jpg: not found.*synth_root"): load_dataset("synth", tmp_path, "train")[0]
+    (tmp_path / "SegmentationClassAug").mkdir()
+    np.save(tmp_path / "cls_labels.npy", {})
+    with pytest.raises(FileNotFoundError, match="synth_saliency_root"):
+        load_dataset("synth", tmp_path, "train", saliency_root=tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match=r"JPEGImages/a.jpg: not found.*synth_root"):
+        load_dataset("synth", tmp_path, "train")[0]
 
 
 # ---------------------------------------------------------------- VOC tool
@@ -203,7 +243,9 @@ def test_voc_cls_labels_from_xml(voc):
     (r / "Annotations").mkdir()
     objs = {"2007_000001": ["dog", "person", "dog"], "2007_000002": ["aeroplane"], "2008_000003": ["tvmonitor", "cat"]}
     for n, os_ in objs.items():
-        (r / "Annotations" / f"{n}.xml").write_text("<annotation>" + "".join(f"<object><name>{o}</name><difficult>0</difficult></object>" for o in os_) + "</annotation>")
+        (r / "Annotations" / f"{n}.xml").write_text(
+            "<annotation>" + "".join(f"<object><name>{o}</name><difficult>0</difficult></object>" for o in os_)
+            + "</annotation>")
     lab = np.load(voc_cls_labels(r, progress=False), allow_pickle=True).item()
     assert sorted(lab) == sorted(objs)
     assert lab["2007_000001"].nonzero()[0].tolist() == [11, 14] and lab["2007_000001"].dtype == np.float32
@@ -213,7 +255,8 @@ def test_voc_cls_labels_from_xml(voc):
     (r / "Annotations" / "2007_000002.xml").write_text("<annotation><object><name>unicorn</name></object></annotation>")
     with pytest.raises(ValueError, match=r"2007_000002.xml: unknown class 'unicorn'"): voc_cls_labels(r, progress=False)
     (r / "Annotations" / "2007_000002.xml").unlink()
-    with pytest.raises(FileNotFoundError, match=r"Annotations/2007_000002.xml: not found.*voc_root"): voc_cls_labels(r, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"Annotations/2007_000002.xml: not found.*voc_root"):
+        voc_cls_labels(r, progress=False)
 
 
 # ---------------------------------------------------------------- COCO
@@ -239,7 +282,8 @@ def test_coco_tool_writes_the_same_masks_and_loader_reads_them(coco, capsys):
     write_png(p, np.full((10, 12), 2, np.uint8))  # the loader prefers the PNG when present
     assert (COCODataset(r, "mini")[0]["mask"] == 2).all()
     shutil.rmtree(r / "SegmentationClass")
-    (r / "coco_seg_anno").mkdir(); write_png(r / "coco_seg_anno" / "img_a.png", np.full((10, 12), 3, np.uint8))
+    (r / "coco_seg_anno").mkdir()
+    write_png(r / "coco_seg_anno" / "img_a.png", np.full((10, 12), 3, np.uint8))
     assert (COCODataset(r, "mini")[0]["mask"] == 3).all()
 
 
@@ -252,26 +296,37 @@ def test_coco_class_mask_matches_pycocotools_union(coco):
 
 def test_coco_errors(coco, tmp_path):
     r, _ = coco
-    with pytest.raises(FileNotFoundError, match=r"nope: not found; expected the COCO 2014 folder.*coco_root"): COCODataset(tmp_path / "nope", "mini")
-    with pytest.raises(FileNotFoundError, match=r"coco/val2014: not found; expected the images of split 'val2014'.*coco_root"): COCODataset(r, "val2014")
+    with pytest.raises(FileNotFoundError, match=r"nope: not found; expected the COCO 2014 folder.*coco_root"):
+        COCODataset(tmp_path / "nope", "mini")
+    with pytest.raises(FileNotFoundError, match=r"coco/val2014: not found; "
+                                                r"expected the images of split 'val2014'.*coco_root"):
+        COCODataset(r, "val2014")
     (r / "val2014").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"instances_val2014.json: not found; expected the COCO instances annotations.*coco_root"): COCODataset(r, "val2014")
+    with pytest.raises(FileNotFoundError, match=r"instances_val2014.json: not found; "
+                                                r"expected the COCO instances annotations.*coco_root"):
+        COCODataset(r, "val2014")
     (r / "annotations" / "instances_val2014.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"instances_val2014.json: not a COCO instances file"): COCODataset(r, "val2014")
-    with pytest.raises(FileNotFoundError, match="coco_saliency_root"): COCODataset(r, "mini", saliency_root=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"instances_val2014.json: not a COCO instances file"):
+        COCODataset(r, "val2014")
+    with pytest.raises(FileNotFoundError, match="coco_saliency_root"):
+        COCODataset(r, "mini", saliency_root=tmp_path / "s")
     (tmp_path / "s").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"s/img_a.png: not found; expected the saliency map.*coco_saliency_root"):
+    with pytest.raises(FileNotFoundError, match=r"s/img_a.png: not found; "
+                                                r"expected the saliency map.*coco_saliency_root"):
         COCODataset(r, "mini", saliency_root=tmp_path / "s")[0]
     (r / "mini" / "img_a.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"mini/img_a.jpg: not found; expected the image 'img_a.jpg' listed in instances_mini.json.*coco_root"):
+    with pytest.raises(FileNotFoundError, match=r"mini/img_a.jpg: not found; expected the image 'img_a.jpg' "
+                                                r"listed in instances_mini.json.*coco_root"):
         COCODataset(r, "mini")[0]
 
 
 # ---------------------------------------------------------------- joint transforms
 def _shape_item(h=48, w=80):
     "A bright rectangle with class 5 and saliency on the same pixels; a 255 border row to check ignore handling."
-    img = torch.zeros(3, h, w, dtype=torch.uint8); img[:, 12:30, 50:70] = 250
-    m = torch.zeros(h, w, dtype=torch.long); m[12:30, 50:70] = 5
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    img[:, 12:30, 50:70] = 250
+    m = torch.zeros(h, w, dtype=torch.long)
+    m[12:30, 50:70] = 5
     return dict(image=img, mask=m, saliency=(m > 0).long(), label=torch.tensor([1.0]), name="shape")
 
 
@@ -313,7 +368,8 @@ def test_crop_pads_image_0_mask_255_saliency_0():
         o = RandomCrop(16)(it)
         inside = o["image"][0] == 9
         assert inside.sum() == 120  # the whole 10×12 image is kept, placed at a random offset
-        assert (o["image"][:, ~inside] == 0).all() and (o["mask"][~inside] == 255).all() and (o["saliency"][~inside] == 0).all()
+        assert ((o["image"][:, ~inside] == 0).all() and (o["mask"][~inside] == 255).all()
+                and (o["saliency"][~inside] == 0).all())
     o = CenterCrop(16)(it)
     assert (o["image"][0, :10, :12] == 9).all() and (o["mask"][10:] == 255).all() and (o["mask"][:, 12:] == 255).all()
     big = _shape_item(20, 30)
@@ -333,7 +389,8 @@ def test_normalize_and_recipes():
     from types import SimpleNamespace as NS
     vit = NS(pretrained_cfg=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))  # what timm's CLIP/augreg ViTs carry
     assert norm_stats(vit) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) and norm_stats(NS(backbone=vit)) == norm_stats(vit)
-    assert norm_stats(None) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) and norm_stats(NS(pretrained_cfg={}))[1] == (0.229, 0.224, 0.225)
+    assert (norm_stats(None) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            and norm_stats(NS(pretrained_cfg={}))[1] == (0.229, 0.224, 0.225))
     torch.manual_seed(0)
     t = train_transform(32)(_shape_item())
     assert t["image"].shape == (3, 32, 32) and t["image"].dtype == torch.float32 and t["mask"].shape == (32, 32)
@@ -345,7 +402,8 @@ def test_normalize_and_recipes():
 def test_collate_batches_dicts_and_names_the_key_that_differs():
     a, b = _shape_item(), _shape_item()
     batch = collate([a, b])
-    assert batch["image"].shape == (2, 3, 48, 80) and batch["mask"].dtype == torch.int64 and batch["name"] == ["shape", "shape"]
+    assert (batch["image"].shape == (2, 3, 48, 80) and batch["mask"].dtype == torch.int64
+            and batch["name"] == ["shape", "shape"])
     with pytest.raises(ValueError, match="'image' has different shapes"): collate([a, _shape_item(40, 80)])
     dl = torch.utils.data.DataLoader([a, b, a], batch_size=2, collate_fn=collate)
     assert [x["image"].shape[0] for x in dl] == [2, 1]

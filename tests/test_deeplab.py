@@ -24,7 +24,12 @@ def train_step(net, opt, image, mask) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048)])
+@pytest.mark.parametrize("name,channels", [
+    ("resnet18", 512),
+    ("resnet34", 512),
+    ("resnet50", 2048),
+    ("resnet101", 2048),
+])
 def test_output_stride_8_and_shapes(name, channels):
     torch.manual_seed(0)
     net = DeepLabV2(21, name).eval()
@@ -51,16 +56,18 @@ def test_aspp_sums_four_dilated_branches():
     head = ASPP(8, 3)
     assert [b.dilation for b in head.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
     x = torch.randn(1, 8, 30, 30)
-    ref = sum(torch.nn.functional.conv2d(x, b.weight, b.bias, padding=r, dilation=r) for b, r in zip(head.branches, (6, 12, 18, 24)))
+    ref = sum(torch.nn.functional.conv2d(x, b.weight, b.bias, padding=r, dilation=r)
+              for b, r in zip(head.branches, (6, 12, 18, 24)))
     assert torch.allclose(head(x), ref, atol=1e-6)
 
 
 def test_one_training_step_lowers_the_loss_as_first_order_theory_says_and_changes_weights():
-    """A step of SGD at a small learning rate lowers the batch's loss by about sum over groups of lr_g * g . (g + wd * w)
+    """A step of SGD at a small learning rate lowers the batch's loss by about
+    sum over groups of lr_g * g . (g + wd * w)
     (momentum does nothing on the first step): this checks the head's ×10 group and the weight decay, not just a sign.
     Batch-norm is frozen so the loss is a function of the weights alone. Over seeds 0-4 x 1 and 2 threads the measured
-    decrease is 0.968 ± 0.006 of the prediction (min 0.958): the bounds 0.9 and 1.02 are 11 and 9 sd away. The old check,
-    loss after < loss before at lr 1e-3 with batch statistics, failed on 4 of those 10 runs
+    decrease is 0.968 ± 0.006 of the prediction (min 0.958): the bounds 0.9 and 1.02 are 11 and 9 sd away.
+    The old check, loss after < loss before at lr 1e-3 with batch statistics, failed on 4 of those 10 runs
     (`python tools/outcome_spread.py --only deeplab_two_steps,deeplab_first_order`)."""
     torch.manual_seed(0)
     net = DeepLabV2(3, "resnet18", freeze_bn=True)
@@ -84,14 +91,16 @@ def test_one_training_step_lowers_the_loss_as_first_order_theory_says_and_change
     net.eval()
     with torch.no_grad(): out = net(img)
     l_ref = torch.nn.functional.cross_entropy(out[..., 4:, :], msk[:, 4:])
-    frozen = StepContext(net, torch.optim.SGD(net.parameters(), lr=0.0), None, torch.autocast("cpu", enabled=False), 1, torch.device("cpu"))
+    frozen = StepContext(net, torch.optim.SGD(net.parameters(), lr=0.0), None, torch.autocast("cpu", enabled=False),
+                         1, torch.device("cpu"))
     assert deeplab_step(frozen, dict(image=img, mask=msk))["loss"] == pytest.approx(float(l_ref), rel=1e-5)
 
 
 def test_head_gets_ten_times_the_lr_with_poly_decay():
     net = DeepLabV2(3, "resnet18")
     opt = make_optimizer(net, 2.5e-4)
-    assert [g["lr"] for g in opt.param_groups] == [2.5e-4, 2.5e-3] and [g["lr_mult"] for g in opt.param_groups] == [1.0, 10.0]
+    assert ([g["lr"] for g in opt.param_groups] == [2.5e-4, 2.5e-3]
+            and [g["lr_mult"] for g in opt.param_groups] == [1.0, 10.0])
     assert poly_lr(0, 100, 2.5e-4) == 2.5e-4
     assert poly_lr(75, 100, 2.5e-4) * opt.param_groups[1]["lr_mult"] == pytest.approx(2.5e-3 * 0.25 ** 0.9)
     assert poly_lr(100, 100, 2.5e-4) == 0.0
@@ -108,7 +117,8 @@ def test_local_weights_freeze_bn(tmp_path):
     bn_before = net.backbone.bn1.running_mean.clone(), net.backbone.bn1.weight.detach().clone()
     opt = make_optimizer(net, 1e-3)
     train_step(net, opt, torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long))
-    assert torch.equal(net.backbone.bn1.running_mean, bn_before[0]) and torch.equal(net.backbone.bn1.weight, bn_before[1])
+    assert (torch.equal(net.backbone.bn1.running_mean, bn_before[0])
+            and torch.equal(net.backbone.bn1.weight, bn_before[1]))
     with pytest.raises(FileNotFoundError, match="weights_dir"):
         DeepLabV2(3, "resnet18", weights=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="r18.safetensors"):

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _make_readme():
     spec = importlib.util.spec_from_file_location("make_readme", ROOT / "tools" / "make_readme.py")
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 
@@ -74,14 +75,17 @@ def unresolved(name: str) -> str | None:
     parts = name.split(".")
     for k in range(len(parts), 0, -1):
         modname = ".".join(parts[:k])
-        try: obj = importlib.import_module(modname); break
+        try:
+            obj = importlib.import_module(modname)
+            break
         except ModuleNotFoundError as e:
             if not (modname + ".").startswith(f"{e.name}."): raise   # a missing dependency: an error, not a stale name
     else: return f"{name}: no module {parts[0]}"
     for attr in parts[k:]:
         if not hasattr(obj, attr): return f"{name}: {getattr(obj, '__name__', obj)} has no attribute {attr!r}"
         parent, obj = obj, getattr(obj, attr)
-        submodule = inspect.ismodule(parent) and "." in parent.__name__     # not the package's top level, the public API
+        # not the package's top level, the public API
+        submodule = inspect.ismodule(parent) and "." in parent.__name__
         if submodule and not inspect.ismodule(obj) and (home := _imported_from(parent, attr)):
             return f"{name}: {parent.__name__} only imports it; cite {home}.{attr}"
     return None

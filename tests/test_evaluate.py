@@ -1,4 +1,5 @@
-"Tests of getam.train.evaluate: the confusion matrix, multi-scale+flip inference, dense CRF, pseudo-label scoring, export, CLI."
+"""Tests of getam.train.evaluate: the confusion matrix, multi-scale+flip inference, dense CRF, pseudo-label scoring,
+export, CLI."""
 import builtins
 import json
 import math
@@ -88,7 +89,8 @@ def test_pred_ignore_modes():
 def test_bad_input_names_file_and_values():
     with pytest.raises(ValueError, match=r"2007_000033.*\(3, 4\).*\(4, 3\)"):
         ConfusionMatrix(3).update(torch.zeros(3, 4), torch.zeros(4, 3), name="2007_000033")
-    with pytest.raises(ValueError, match=r"ground truth \(x.png\) has label values \[3, 21\].*values seen: \[0, 3, 21, 255\]"):
+    with pytest.raises(ValueError, match=r"ground truth \(x.png\) has label values \[3, 21\]"
+                                         r".*values seen: \[0, 3, 21, 255\]"):
         ConfusionMatrix(3).update(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 3, 21, 255]), name="x.png")
     with pytest.raises(ValueError, match=r"prediction \(y\) has label values \[-1\]"):
         ConfusionMatrix(3).update(torch.tensor([0, -1]), torch.tensor([0, 1]), name="y")
@@ -99,7 +101,8 @@ def test_bad_input_names_file_and_values():
 def test_iou_table_and_plot_have_class_names():
     import matplotlib
     matplotlib.use("Agg")
-    cm = ConfusionMatrix(3, class_names=["background", "cat", "dog"]).update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
+    cm = (ConfusionMatrix(3, class_names=["background", "cat", "dog"])
+          .update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])))
     tab = iou_table(cm)
     assert list(tab.index) == ["background", "cat", "dog", "mIoU"]
     assert tab.loc["cat", "IoU"] == pytest.approx(50.0) and tab.loc["dog", "IoU"] == pytest.approx(50.0)
@@ -181,7 +184,8 @@ def test_crf_moves_blurred_boundary_to_the_image_edge():
 def test_crf_parallel_equals_serial_and_accepts_chw_tensors():
     image, probs = _edge_example()
     serial = crf_batch([image] * 3, [probs] * 3, "released", processes=1)
-    parallel = crf_batch([torch.from_numpy(image).permute(2, 0, 1)] * 3, [torch.from_numpy(probs)] * 3, "released", processes=2)
+    parallel = crf_batch([torch.from_numpy(image).permute(2, 0, 1)] * 3, [torch.from_numpy(probs)] * 3,
+                         "released", processes=2)
     for a, b in zip(serial, parallel):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -303,7 +307,8 @@ def test_cli_evaluates_a_deeplab_checkpoint(tiny_synth, tmp_path):
     assert set(res) >= {"single_scale", "ms_flip"} and 0 <= res["ms_flip"]["miou"] <= 100
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
     # the saved predictions score exactly like the ms_flip matrix
-    res2 = main(["--dataset", "synth", "--data-root", str(tiny_synth), "--split", "val", "--pred-dir", str(tmp_path / "pred")])
+    res2 = main(["--dataset", "synth", "--data-root", str(tiny_synth), "--split", "val",
+                 "--pred-dir", str(tmp_path / "pred")])
     assert res2["labels"]["miou"] == res["ms_flip"]["miou"]
 
 

@@ -1,4 +1,5 @@
-"Tests of getam.explain: one call from a user's ViT to normalised, image-sized maps of chosen or predicted classes, and the overlay."
+"""Tests of getam.explain: one call from a user's ViT to normalised, image-sized maps of chosen or predicted classes,
+and the overlay."""
 import pytest
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def test_explain_refuses_models_without_class_token_readout():
 
 
 def test_overlay_by_hand():
-    image = torch.zeros(3, 2, 2, dtype=torch.uint8); image[0] = 200
+    image = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    image[0] = 200
     m = torch.tensor([[0., 1.], [0., 0.]])
     assert torch.equal(overlay(image, m, opacity=0.0), image.permute(1, 2, 0))
     full = overlay(image, m, opacity=1.0, cmap="gray")
@@ -48,5 +50,6 @@ def test_overlay_by_hand():
     assert half[0, 1].tolist() == [228, 128, 128]            # (200 + 255) / 2 = 227.5 → 228, (0 + 255) / 2 → 128
     assert colorize(np.array([[0., 1.]]), "gray").tolist() == [[[0, 0, 0], [255, 255, 255]]]
     # a normalised float image is denormalised first (ImageNet stats by default)
-    f = (torch.full((3, 2, 2), 0.5) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    f = ((torch.full((3, 2, 2), 0.5) - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+         / torch.tensor([0.229, 0.224, 0.225])[:, None, None])
     assert torch.equal(overlay(f, m, opacity=0.0)[0, 0], torch.tensor([128, 128, 128], dtype=torch.uint8))

@@ -16,7 +16,8 @@ def test_peers_never_imported_with_getam():
 
 
 def test_write_table(tmp_path, capsys):
-    rows = [dict({c: 0.5 for c in COLUMNS}, method="A", note=""), dict({c: "n/a" for c in COLUMNS}, method="B", note="why")]
+    rows = [dict({c: 0.5 for c in COLUMNS}, method="A", note=""),
+            dict({c: "n/a" for c in COLUMNS}, method="B", note="why")]
     md, path = write_table(rows, tmp_path, "t", "caption")
     text = md.read_text()
     assert text.startswith("caption\n\n| method |") and "| A | 0.500 |" in text and "| B | n/a |" in text

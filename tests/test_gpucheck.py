@@ -41,11 +41,13 @@ def test_a_failing_part_is_recorded_and_the_next_still_runs(tmp_path):
 
 
 def test_the_timed_parts_run_on_a_cpu():
-    "The same code paths the GPU run takes, on tiny models: GETAM's maps equal the released recipe's, a finite training step."
-    t = gpucheck.time_getam("cpu", repeats=1, name="vit_tiny_patch16_224", size=32, ks=(2, 1), num_classes=4, patch_size=8, depth=2)
+    """The same code paths the GPU run takes, on tiny models: GETAM's maps equal the released recipe's,
+    a finite training step."""
+    t = gpucheck.time_getam("cpu", repeats=1, name="vit_tiny_patch16_224", size=32, ks=(2, 1),
+                            num_classes=4, patch_size=8, depth=2)
     assert list(t["ms"]) == ["(a) released", "(b) getam", "(c) floor"] and t["maps_rel_diff"] < 1e-4
-    s = gpucheck.time_train_step("cpu", repeats=1, backbone="vit_tiny_patch16_224", batch_size=2, crop_size=32, patch_size=8,
-                                 depth=4, embed_dim=32, num_heads=2, features=16)
+    s = gpucheck.time_train_step("cpu", repeats=1, backbone="vit_tiny_patch16_224", batch_size=2, crop_size=32,
+                                 patch_size=8, depth=4, embed_dim=32, num_heads=2, features=16)
     assert (s["batch"], s["crop_size"], s["peak_memory_mib"]) == (2, 32, None)
     assert s["first_loss"] > 0 and s["ms_per_step"] > 0
 
@@ -60,7 +62,8 @@ def test_ddp_step_with_gloo_restores_the_environment(monkeypatch):
 
 @pytest.mark.slow
 def test_cuda_tests_part_runs_only_cuda_marked_tests_and_counts_outcomes(tmp_path):
-    tests = tmp_path / "tests"; tests.mkdir()
+    tests = tmp_path / "tests"
+    tests.mkdir()
     (tests / "test_cuda.py").write_text(textwrap.dedent("""
         import pytest
         pytestmark = pytest.mark.cuda
@@ -78,7 +81,8 @@ def test_cuda_tests_part_runs_only_cuda_marked_tests_and_counts_outcomes(tmp_pat
 
 
 def test_the_cuda_tests_skip_without_cuda_and_say_how_to_run_them():
-    "Every test of tests/test_cuda.py carries the `cuda` mark and, without a device, the skip that names the GPU script."
+    """Every test of tests/test_cuda.py carries the `cuda` mark and, without a device, the skip that names the GPU
+    script."""
     import test_cuda
     marks = {m.name: m for m in test_cuda.pytestmark}
     assert "cuda" in marks and "python -m getam.repro.bench gpu" in marks["skipif"].kwargs["reason"]

@@ -11,7 +11,8 @@ from getam.cams import getam
 
 def tiny(num_classes=3, **kw):
     torch.manual_seed(0)
-    return GetamSegmenter(tiny_backbone("vit", num_classes=num_classes, depth=4, **kw), num_classes=num_classes, features=16).eval()
+    return GetamSegmenter(tiny_backbone("vit", num_classes=num_classes, depth=4, **kw),
+                          num_classes=num_classes, features=16).eval()
 
 
 def test_default_hooks_match_the_released_dpt():
@@ -44,7 +45,9 @@ def test_readout_project_concatenates_the_class_token():
     r = Readout(4, "project")
     x, cls = torch.randn(1, 4, 2, 2), torch.randn(1, 1, 4)
     lin = r.proj[0]
-    want = torch.nn.functional.gelu(torch.einsum("oc,chw->ohw", lin.weight, torch.cat([x[0], cls[0, 0][:, None, None].expand(4, 2, 2)])) + lin.bias[:, None, None])
+    want = torch.nn.functional.gelu(
+        torch.einsum("oc,chw->ohw", lin.weight, torch.cat([x[0], cls[0, 0][:, None, None].expand(4, 2, 2)]))
+        + lin.bias[:, None, None])
     torch.testing.assert_close(r(x, cls)[0], want)
     assert torch.equal(Readout(4, "ignore")(x, cls), x)
     torch.testing.assert_close(Readout(4, "add")(x, cls), x + cls[0, 0][None, :, None, None])
@@ -78,6 +81,8 @@ def test_hybrid_takes_two_resnet_stages():
 def test_pooled_head_and_bad_inputs():
     m = GetamSegmenter("vit_tiny_patch16_224", num_classes=2, img_size=32, cls_head="pooled", depth=4, patch_size=8)
     assert m.backbone.global_pool == "avg"
-    with pytest.raises(ValueError, match="valid: token, pooled"): GetamSegmenter(tiny_backbone(depth=4), num_classes=4, cls_head="gap")
+    with pytest.raises(ValueError, match="valid: token, pooled"):
+        GetamSegmenter(tiny_backbone(depth=4), num_classes=4, cls_head="gap")
     with pytest.raises(ValueError, match="not a timm VisionTransformer"): GetamSegmenter(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="out of range"): GetamSegmenter(tiny_backbone(depth=4), num_classes=4, hooks=[0, 1, 2, 9])
+    with pytest.raises(ValueError, match="out of range"):
+        GetamSegmenter(tiny_backbone(depth=4), num_classes=4, hooks=[0, 1, 2, 9])

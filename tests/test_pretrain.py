@@ -1,4 +1,5 @@
-"getam.train.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit for bit; its seeds never meet the benchmark's."
+"""getam.train.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit
+for bit; its seeds never meet the benchmark's."""
 import json
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def test_a_few_steps_lower_the_loss_and_write_weights_and_record(run):
     first, last = np.mean([float(v) for v in log[:8]]), np.mean([float(v) for v in log[-8:]])
     assert last < first, (first, last)
     on_disk = json.loads((d / "w" / "vit_tiny_patch16_224-p16-w32-d2-h2.json").read_text())
-    assert on_disk == rec and rec["steps"] == 40 and rec["corpus"]["scenes"] == 320 and rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT
+    assert (on_disk == rec and rec["steps"] == 40 and rec["corpus"]["scenes"] == 320
+            and rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT)
     import hashlib
     assert rec["sha256"] == hashlib.sha256((d / "w" / rec["file"]).read_bytes()).hexdigest()
     assert 0 <= rec["synthvoc_val_micro_f1"] <= 1 and rec["command"] == "(test)"
@@ -41,13 +43,17 @@ def test_a_few_steps_lower_the_loss_and_write_weights_and_record(run):
 def test_pretrained_true_loads_the_file_bit_for_bit_head_kept_or_replaced(run):
     d, rec = run
     sd = load_file(str(d / "w" / rec["file"]))
-    same = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=NUM_SYNTH, img_size=64, weights_dir=d / "w", **ARCH)
+    same = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=NUM_SYNTH, img_size=64,
+                           weights_dir=d / "w", **ARCH)
     assert same.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in same.state_dict().items())
-    other = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=20, img_size=64, weights_dir=d / "w", **ARCH)
+    other = create_backbone("vit_tiny_patch16_224", pretrained=True, num_classes=20, img_size=64,
+                            weights_dir=d / "w", **ARCH)
     assert other.head.weight.shape == (20, 32)
     assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items() if not k.startswith("head."))
-    with pytest.raises(FileNotFoundError, match="p16-w48"):   # another width: its weights are looked up under its own name
-        create_backbone("vit_tiny_patch16_224", pretrained=True, img_size=64, weights_dir=d / "w", **dict(ARCH, embed_dim=48))
+    # another width: its weights are looked up under its own name
+    with pytest.raises(FileNotFoundError, match="p16-w48"):
+        create_backbone("vit_tiny_patch16_224", pretrained=True, img_size=64,
+                        weights_dir=d / "w", **dict(ARCH, embed_dim=48))
 
 
 def test_pretraining_and_benchmark_seeds_cannot_meet(tmp_path):
@@ -65,15 +71,19 @@ SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "getam" 
 
 
 def test_every_family_of_table4_ships_weights_within_budget():
-    "The synth ViT, the tiny hybrid and DeiT-distilled at the preset's width, depth and heads; about 10 MB in all at most."
+    """The synth ViT, the tiny hybrid and DeiT-distilled at the preset's width, depth and heads;
+    about 10 MB in all at most."""
     from getam.backbones import SHIPPED_WEIGHTS
-    assert SHIPPED == ["deit_tiny_distilled_patch16_224-p16-w64-d6-h2", "vit_tiny_patch16_224-p16-w64-d6-h2", "vit_tiny_r_s16_p8_224-p4-w64-d6-h2"]
+    assert SHIPPED == ["deit_tiny_distilled_patch16_224-p16-w64-d6-h2",
+                       "vit_tiny_patch16_224-p16-w64-d6-h2",
+                       "vit_tiny_r_s16_p8_224-p4-w64-d6-h2"]
     assert sum(p.stat().st_size for p in SHIPPED_WEIGHTS.iterdir()) < 10e6
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_weights_load_offline_bit_for_bit(name, tmp_path):
-    "pretrained=True finds each shipped file (after an empty weights_dir), bit for bit, as its record says; the record is complete."
+    """pretrained=True finds each shipped file (after an empty weights_dir), bit for bit, as its record says;
+    the record is complete."""
     from getam.backbones import SHIPPED_WEIGHTS
     import hashlib
     rec = json.loads((SHIPPED_WEIGHTS / f"{name}.json").read_text())
@@ -82,7 +92,9 @@ def test_shipped_weights_load_offline_bit_for_bit(name, tmp_path):
     assert rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT and rec["corpus"]["labels"] == "image-level only"
     # the record names the command as it was run, before the room move (now python -m getam.train.pretrain)
     assert rec["command"].startswith(f"python -m getam.pretrain --backbone {rec['backbone']}")
-    assert rec["synthvoc_val_micro_f1"] >= (0.95 if name.startswith("vit_tiny_patch16") else 0.8)   # the ViT's target; the others: well above chance
+    # the ViT's target; the others: well above chance
+    assert rec["synthvoc_val_micro_f1"] >= (0.95 if name.startswith("vit_tiny_patch16") else 0.8)
     sd = load_file(str(SHIPPED_WEIGHTS / rec["file"]))
-    m = create_backbone(rec["backbone"], pretrained=True, num_classes=NUM_SYNTH, img_size=rec["img_size"], weights_dir=tmp_path, **rec["arch"])
+    m = create_backbone(rec["backbone"], pretrained=True, num_classes=NUM_SYNTH, img_size=rec["img_size"],
+                        weights_dir=tmp_path, **rec["arch"])
     assert m.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())

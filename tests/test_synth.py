@@ -85,20 +85,25 @@ def test_sample_matches_files_and_the_loader(synth):
     assert torch.equal(it["mask"], torch.from_numpy(s["mask"].astype(np.int64)))
     assert torch.equal(it["saliency"], torch.from_numpy((s["saliency"] > 0).astype(np.int64)))
     assert it["label"].tolist() == s["label"].tolist()
-    assert (it["image"].permute(1, 2, 0).float() - torch.from_numpy(s["image"]).float()).abs().mean() < 4  # JPEG q95 4:4:4 smooths the N(0, 5²) pixel noise
-    dl = torch.utils.data.DataLoader(load_dataset("synth", synth, "train", transform=train_transform(64)), batch_size=4, collate_fn=collate)
+    # JPEG q95 4:4:4 smooths the N(0, 5²) pixel noise
+    assert (it["image"].permute(1, 2, 0).float() - torch.from_numpy(s["image"]).float()).abs().mean() < 4
+    dl = torch.utils.data.DataLoader(load_dataset("synth", synth, "train", transform=train_transform(64)),
+                                     batch_size=4, collate_fn=collate)
     b = next(iter(dl))
     assert b["image"].shape == (4, 3, 64, 64) and b["mask"].shape == (4, 64, 64) and b["label"].shape == (4, 6)
 
 
 def test_failure_modes_are_present():
-    "Partial activation needs small parts; non-salient objects need misses that grow with smallness and distance from centre."
+    """Partial activation needs small parts; non-salient objects need misses that grow with smallness and distance
+    from centre."""
     rec, area, dist, frac = [], [], [], []
     for i in range(150):
         s = synth_sample(0, "train", i)
         for o in s["info"]:
             m = s["instances"] == o["instance"]
-            rec.append((s["saliency"][m] > 0).mean()); area.append(o["area"]); dist.append(o["centre_dist"])
+            rec.append((s["saliency"][m] > 0).mean())
+            area.append(o["area"])
+            dist.append(o["centre_dist"])
             frac.append((s["part"][m] > 0).mean())
     rec, area, dist, frac = map(np.array, (rec, area, dist, frac))
     missed = rec < 0.5
@@ -112,7 +117,8 @@ def test_every_class_and_object_count_occurs():
     seen, counts = set(), set()
     for i in range(60):
         s = synth_sample(2, "train", i)
-        seen |= {o["cls"] for o in s["info"]}; counts.add(len(s["info"]))
+        seen |= {o["cls"] for o in s["info"]}
+        counts.add(len(s["info"]))
     assert seen == set(range(1, 7)) and counts == {1, 2, 3}
 
 
@@ -127,7 +133,8 @@ def test_coco_format_through_the_cli(tmp_path, capsys):
     for k in range(5):
         it, s = ds[k], synth_sample(3, "train", k)
         assert it["label"].tolist() == s["label"].tolist()
-        assert torch.equal(it["mask"], torch.from_numpy(np.where(s["mask"] == 255, s["instances"] * 0 + _cls(s), s["mask"]).astype(np.int64)))
+        assert torch.equal(it["mask"], torch.from_numpy(
+            np.where(s["mask"] == 255, s["instances"] * 0 + _cls(s), s["mask"]).astype(np.int64)))
         assert torch.equal(it["saliency"], torch.from_numpy((s["saliency"] > 0).astype(np.int64)))
 
 
@@ -149,7 +156,8 @@ def test_cli_voc_and_bad_arguments(tmp_path, capsys):
     assert json.loads(written["synthvoc.json"])["seed"] == 7
     seed8 = _files(make_synthvoc(tmp_path / "s8", seed=8, n_train=2, n_val=1, size=64))
     assert set(seed8) == set(written) and all(seed8[k] != written[k] for k in written if k.startswith("JPEGImages/"))
-    with pytest.raises(ValueError, match="unknown format 'yolo'; valid: voc, coco"): make_synthvoc(tmp_path / "x", fmt="yolo")
+    with pytest.raises(ValueError, match="unknown format 'yolo'; valid: voc, coco"):
+        make_synthvoc(tmp_path / "x", fmt="yolo")
     with pytest.raises(ValueError, match="size=8: expected at least 32"): make_synthvoc(tmp_path / "x", size=8)
     with pytest.raises(SystemExit): main(["--format", "yolo"])
 
@@ -162,7 +170,8 @@ def test_ensure_synthvoc_reuses_only_identical_settings(tmp_path):
     assert (r / "JPEGImages" / "train_000000.jpg").stat().st_mtime_ns == before
     ensure_synthvoc(r, seed=4, n_train=3, n_val=1)
     assert json.loads((r / "synthvoc.json").read_text())["seed"] == 4
-    assert (r / "JPEGImages" / "train_000000.jpg").read_bytes() == _files(make_synthvoc(tmp_path / "t", seed=4, n_train=1, n_val=0))["JPEGImages/train_000000.jpg"]
+    assert ((r / "JPEGImages" / "train_000000.jpg").read_bytes()
+            == _files(make_synthvoc(tmp_path / "t", seed=4, n_train=1, n_val=0))["JPEGImages/train_000000.jpg"])
 
 
 @pytest.mark.slow
@@ -185,7 +194,8 @@ def test_plain_cam_covers_mainly_the_discriminative_part():
         assert np.exp(np.mean(np.log(ratios))) > 1.2, (t, ratios)
 
 def _tree_sha256(root: Path) -> str:
-    "sha256 over every file under `root`, in sorted order: its relative path and its bytes, each prefixed by its length."
+    """sha256 over every file under `root`, in sorted order: its relative path and its bytes,
+    each prefixed by its length."""
     import hashlib
     digest = hashlib.sha256()
     for rel, data in _files(root).items():
@@ -194,7 +204,8 @@ def _tree_sha256(root: Path) -> str:
 
 
 def _samples_sha256(calls: list[tuple]) -> str:
-    "sha256 over `synth_sample(*call)` for each call: every array's name, dtype, shape and raw bytes, and `info` as JSON."
+    """sha256 over `synth_sample(*call)` for each call: every array's name, dtype, shape and raw bytes,
+    and `info` as JSON."""
     import hashlib
     digest = hashlib.sha256()
     for call in calls:
@@ -226,7 +237,8 @@ def test_generator_output_is_pinned(tmp_path):
     """SynthVOC is a benchmark: a seed's images, masks, parts and saliency never change. Pinned byte for byte: the raw
     arrays of train and val scenes, of the "pretrain" split `getam.train.pretrain.SceneCorpus` draws from (seeds from
     `BENCHMARK_SEED_LIMIT` on), of 64- and 200-pixel scenes, and every file of a small VOC and COCO export. The scenes
-    include clutter false positives and half-detected objects of the simulated saliency detector, and all six classes."""
+    include clutter false positives and half-detected objects of the simulated saliency detector,
+    and all six classes."""
     from getam.synth import BENCHMARK_SEED_LIMIT
     pretrain = BENCHMARK_SEED_LIMIT
     got = {

@@ -1,4 +1,5 @@
-"""getam.widgets.LayerExplorer: headless control/render checks, and a real-browser check in JupyterLab + headless Chromium."""
+"""getam.widgets.LayerExplorer: headless control/render checks,
+and a real-browser check in JupyterLab + headless Chromium."""
 import contextlib, json, os, shutil, socket, subprocess, sys, time, secrets, signal
 import urllib.request
 from pathlib import Path
@@ -69,7 +70,8 @@ def test_baselines_equal_cams(setup):
     for name, fn in fns.items():
         ex.map_picker.value = name
         assert ex.layer_slider.disabled
-        np.testing.assert_allclose(ex.map, fn(vit, x, ones)[0, ex.class_picker.value].detach().numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ex.map, fn(vit, x, ones)[0, ex.class_picker.value].detach().numpy(),
+                                   rtol=1e-5, atol=1e-7)
     ex.map_picker.value = "GETAM"
     assert not ex.layer_slider.disabled
 
@@ -110,7 +112,8 @@ def test_maps_are_computed_once_per_image(setup, monkeypatch):
     ex = widgets.LayerExplorer(vit, ds)
     assert len(calls) == 1
     for layer in [0, 1, "sum"]: ex.layer_slider.value = layer
-    ex.map_picker.value = "TS-CAM"; ex.opacity.value = 0.2
+    ex.map_picker.value = "TS-CAM"
+    ex.opacity.value = 0.2
     assert len(calls) == 1
     ex.image_picker.value = ex.indices[1]
     ex.image_picker.value = ex.indices[0]
@@ -188,7 +191,8 @@ def running_jupyterlab(tmp_path: Path):
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.open_browser=False",
            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-           "--ServerApp.allow_remote_access=False", "--LabApp.extension_manager=readonly", "--LabApp.expose_app_in_browser=True"]
+           "--ServerApp.allow_remote_access=False", "--LabApp.extension_manager=readonly",
+           "--LabApp.expose_app_in_browser=True"]
     if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")
     log = open(tmp_path / "jupyterlab.log", "wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -197,9 +201,11 @@ def running_jupyterlab(tmp_path: Path):
         deadline = time.time() + 90
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited with {proc.returncode}: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
+                raise RuntimeError(f"jupyter lab exited with {proc.returncode}: "
+                                   f"{(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read(); break
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
+                break
             except OSError:
                 if time.time() > deadline: raise RuntimeError(f"jupyter lab did not answer on {url} within 90 s")
                 time.sleep(0.5)
@@ -209,7 +215,8 @@ def running_jupyterlab(tmp_path: Path):
             os.killpg(proc.pid, signal.SIGTERM)
             try: proc.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL); proc.wait(5)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
         log.close()
 
 
@@ -223,24 +230,31 @@ def jupyterlab(tmp_path):
 def test_explorer_renders_in_jupyterlab_in_chromium(jupyterlab, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: the browser check needs a chromium binary, which pip cannot install; "
-                    "get one with apt-get install chromium (Debian/Ubuntu, as root) — Playwright drives it and downloads none")
-    pw = pytest.importorskip("playwright.sync_api", reason="the playwright python package is missing (pip install playwright)")
+                    "get one with apt-get install chromium (Debian/Ubuntu, as root) — "
+                    "Playwright drives it and downloads none")
+    pw = pytest.importorskip("playwright.sync_api",
+                             reason="the playwright python package is missing (pip install playwright)")
     url, token = jupyterlab
     _write_notebook(tmp_path / "explorer.ipynb")
-    art = ROOT / "runs" / "artifacts"; art.mkdir(parents=True, exist_ok=True)
+    art = ROOT / "runs" / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
     with pw.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport=dict(width=1400, height=900))
             page.goto(f"{url}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded", timeout=90_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-            # JupyterLab exposes its app (--LabApp.expose_app_in_browser): wait for the notebook's kernel, then run all cells
+            # JupyterLab exposes its app (--LabApp.expose_app_in_browser): wait for the notebook's kernel,
+            # then run all cells
             page.wait_for_function("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                                   " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+                                   " const k = w && w.sessionContext && w.sessionContext.session"
+                                   " && w.sessionContext.session.kernel;"
                                    " return k && k.status === 'idle'; }", timeout=90_000)
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            img = page.wait_for_selector(".jp-OutputArea-output .widget-image, .jp-OutputArea-output img", timeout=120_000)
-            page.wait_for_function("el => el.complete && el.naturalWidth > 0 && el.naturalHeight > 0", arg=img, timeout=30_000)
+            img = page.wait_for_selector(".jp-OutputArea-output .widget-image, .jp-OutputArea-output img",
+                                         timeout=120_000)
+            page.wait_for_function("el => el.complete && el.naturalWidth > 0 && el.naturalHeight > 0",
+                                   arg=img, timeout=30_000)
             w, h = img.evaluate("el => [el.naturalWidth, el.naturalHeight]")
             assert w > 0 and h > 0
             # the controls are there too

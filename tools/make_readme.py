@@ -16,7 +16,8 @@ def render(index: Path = ROOT / "nbs" / "index.ipynb") -> str:
         if cell["cell_type"] == "code":   # nbdev's directives (`#| export`) are for nbdev, not for the reader
             src = "\n".join(line for line in src.splitlines() if not line.startswith("#|")).strip()
         parts.append(src if cell["cell_type"] == "markdown" else f"```python\n{src}\n```")
-    return "<!-- Made from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n" + "\n\n".join(parts) + "\n"
+    return ("<!-- Made from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n"
+            + "\n\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":
