@@ -1,4 +1,5 @@
-"""What only a GPU can check (marked `cuda`, skipped without one; `python -m getam.repro.bench gpu` runs them on a GPU box):
+"""What only a GPU can check (marked `cuda`, skipped without one;
+`python -m getam.repro.bench gpu` runs them on a GPU box):
 AMP training in fp16 (with a GradScaler) and bf16, the double-backward step and GETAM on CUDA equal to CPU."""
 import copy
 
@@ -28,9 +29,11 @@ def exact_fp32():
 
 @pytest.mark.parametrize("amp, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_amp_training_on_cuda(amp, dtype, tmp_path, monkeypatch):
-    "Both phases train under autocast on CUDA with finite losses; fp16 goes through a GradScaler (saved in the checkpoint), bf16 needs none."
+    """Both phases train under autocast on CUDA with finite losses;
+    fp16 goes through a GradScaler (saved in the checkpoint), bf16 needs none."""
     dtypes = record_qkv_dtypes(monkeypatch)
-    r = train(tiny_config(out_dir=str(tmp_path), device="cuda", amp=amp, write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
+    r = train(tiny_config(out_dir=str(tmp_path), device="cuda", amp=amp, write_pseudo=False),
+              train_ds=toy_items(8), val_ds=toy_items(2))
     assert len(r["log"]) == 4 and [row["phase"] for row in r["log"]] == [1, 1, 2, 2]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"]), r["log"]
     assert 0 <= r["metrics"]["val_miou"] <= 1
@@ -44,7 +47,8 @@ def test_amp_training_on_cuda(amp, dtype, tmp_path, monkeypatch):
 
 
 def _step_gradients(model, batch, targets=None):
-    "One phase-2 double-backward step: the losses (GETAM pseudo labels, or `targets` in their place) and the parameter gradients."
+    """One phase-2 double-backward step: the losses (GETAM pseudo labels, or `targets` in their place)
+    and the parameter gradients."""
     real = step_module.training_targets
     seen = []
     def targets_of(maps, *a, **k):
@@ -54,13 +58,16 @@ def _step_gradients(model, batch, targets=None):
         mp.setattr(step_module, "training_targets", targets_of)
         out = step_module.step_losses(model, batch, phase=2)
     out["loss"].backward()
-    return seen[0].cpu(), out["loss"].item(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}
+    return (seen[0].cpu(), out["loss"].item(),
+            {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None})
 
 
 def test_double_backward_step_on_cuda_equals_cpu(exact_fp32):
-    "The same step on CUDA: the same pseudo labels (up to a few threshold pixels) and, on the same targets, the same gradients."
+    """The same step on CUDA: the same pseudo labels (up to a few threshold pixels) and,
+    on the same targets, the same gradients."""
     torch.manual_seed(0)
-    cpu = tiny_model(); cpu.decoder.head[3].p = 0.0   # dropout off
+    cpu = tiny_model()
+    cpu.decoder.head[3].p = 0.0   # dropout off
     gpu = copy.deepcopy(cpu).cuda()
     batch = tiny_batch(b=3, seed=1)
     pseudo_cpu, loss_cpu, g_cpu = _step_gradients(cpu, batch)

@@ -1,4 +1,5 @@
-"Single-stage training: one double-backward step, single- vs two-forward gradients, exact resume, DDP, AMP, bad parameters, the papermill job."
+"""Single-stage training: one double-backward step, single- vs two-forward gradients, exact resume,
+DDP, AMP, bad parameters, the papermill job."""
 import json, math, os, socket
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def test_double_backward_step_changes_weights_and_losses_finite():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     out = step_losses(model, batch, phase=2)
-    opt.zero_grad(); out["loss"].backward(); opt.step()
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
     for k in ("loss", "cls_loss", "seg_loss"): assert torch.isfinite(out[k]), k
     changed = {k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
     assert {"backbone.blocks.0.attn.qkv.weight", "backbone.head.weight", "decoder.head.4.weight"} <= changed
@@ -52,7 +55,8 @@ def test_double_backward_step_changes_weights_and_losses_finite():
 
 def _grads(fn, seed=0):
     torch.manual_seed(seed)
-    m = tiny_model(); m.decoder.head[3].p = 0.0  # dropout off
+    m = tiny_model()
+    m.decoder.head[3].p = 0.0  # dropout off
     out = fn(m, tiny_batch(b=3, seed=1))
     out["loss"].backward()
     return out, {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
@@ -63,9 +67,12 @@ def test_single_forward_equals_two_forward_gradients():
     o2, g2 = _grads(two_forward_losses)
     assert torch.equal(o1["pseudo"], o2["pseudo"])
     assert set(g1) == set(g2) and len(g1) > 50
-    for k in g1: torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)  # fused vs unfused attention: rounding only
+    # fused vs unfused attention: rounding only
+    for k in g1: torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
     # and the GETAM backward really left no parameter gradients behind: one backward = one set of gradients
-    torch.manual_seed(0); m = tiny_model(); m.decoder.head[3].p = 0.0
+    torch.manual_seed(0)
+    m = tiny_model()
+    m.decoder.head[3].p = 0.0
     step_losses(m, tiny_batch(b=3, seed=1), phase=2)
     assert all(p.grad is None for p in m.parameters())
 
@@ -83,10 +90,12 @@ def test_class_token_saliency_is_the_mean_class_row_through_attention_saliency()
 
 def test_attention_saliency_mode_reads_no_saliency_maps():
     torch.manual_seed(0)
-    batch = tiny_batch(); del batch["saliency"]
+    batch = tiny_batch()
+    del batch["saliency"]
     out = step_losses(tiny_model(), batch, phase=2, rule=LabelRule(saliency="attention"))
     assert torch.isfinite(out["loss"]) and out["pseudo"].shape == (2, 32, 32)
-    with pytest.raises(ValueError, match="needs saliency='maps'"): make_config(saliency="attention", saliency_weight=1.0)
+    with pytest.raises(ValueError, match="needs saliency='maps'"):
+        make_config(saliency="attention", saliency_weight=1.0)
 
 
 def test_poly_schedule_and_phase2_scale():
@@ -98,7 +107,8 @@ def test_poly_schedule_and_phase2_scale():
 
 
 def test_method_functions_run_without_a_training_config():
-    "The step and inference take the label rule and their settings as arguments: getam.train.singlestage is never imported."
+    """The step and inference take the label rule and their settings as arguments:
+    getam.train.singlestage is never imported."""
     code = """
 import sys, torch
 from getam.backbones import tiny_backbone
@@ -152,7 +162,8 @@ def test_label_rule_and_step_defaults_equal_train_config_defaults():
     assert c.step_settings()["layers"] == [1, 2] and c.step_settings()["seg_loss"] == "split"
 
 def test_seg_loss_ignores_255_and_split_averages_separately():
-    seg = torch.zeros(1, 3, 1, 4); seg[0, 0, 0, 0] = 5.0  # pixel 0 confidently background
+    seg = torch.zeros(1, 3, 1, 4)
+    seg[0, 0, 0, 0] = 5.0  # pixel 0 confidently background
     t = torch.tensor([[[0, 1, 1, 255]]])
     ce = torch.nn.functional.cross_entropy(seg[..., :3], t[..., :3], reduction="none")[0, 0]
     assert seg_loss(seg, t).item() == pytest.approx(ce.mean().item())
@@ -177,28 +188,33 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
         def __init__(self, items, after): self.items, self.after, self.reads = items, after, 0
         def __len__(self): return len(self.items)
         def __getitem__(self, i):
-            self.reads += 1; it = dict(self.items[i])
+            self.reads += 1
+            it = dict(self.items[i])
             if self.reads > self.after: it["image"] = torch.full_like(it["image"], float("nan"))
             return it
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 4"):
         train(tiny_config(out_dir=str(tmp_path), write_pseudo=False), train_ds=Poisoned(toy_items(), after=16))
     st = torch.load(tmp_path / "state.pt", weights_only=True)
     assert (st["epoch"], st["step"]) == (1, 4)
-    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "model.safetensors").values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all()
+               for v in load_file(tmp_path / "model.safetensors").values() if v.is_floating_point())
 
 
 @pytest.mark.slow
 def test_amp_bf16_on_cpu_runs(tmp_path, monkeypatch):
-    "amp='bf16' really runs the forward in bfloat16 (the attention's qkv projection outputs bf16) and still gives finite losses."
+    """amp='bf16' really runs the forward in bfloat16 (the attention's qkv projection outputs bf16)
+    and still gives finite losses."""
     dtypes = record_qkv_dtypes(monkeypatch)
-    r = train(tiny_config(out_dir=str(tmp_path / "bf16"), amp="bf16", write_pseudo=False), train_ds=toy_items(8), val_ds=toy_items(2))
+    r = train(tiny_config(out_dir=str(tmp_path / "bf16"), amp="bf16", write_pseudo=False),
+              train_ds=toy_items(8), val_ds=toy_items(2))
     assert len(r["log"]) == 4 and all(torch.isfinite(torch.tensor(row["loss"])) for row in r["log"])
     assert r["log"][-1]["phase"] == 2 and 0 <= r["metrics"]["val_miou"] <= 1
     assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes
     _check_reported_metrics(r["metrics"], tmp_path / "bf16", toy_items(2))   # fp32 weights, evaluated outside autocast
     dtypes.clear()
     full = train(tiny_config(out_dir=str(tmp_path / "fp32"), write_pseudo=False), train_ds=toy_items(8))
-    assert set(dtypes) == {torch.float32} and full["log"][0]["loss"] != r["log"][0]["loss"]   # amp changes the arithmetic
+    # amp changes the arithmetic
+    assert set(dtypes) == {torch.float32} and full["log"][0]["loss"] != r["log"][0]["loss"]
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -226,16 +242,20 @@ def test_cli_parses_config_fields():
 
 def test_missing_data_names_path_and_settings_key(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        train(make_config(dataset="voc", data_root=str(tmp_path / "nowhere"), progress=False, out_dir=str(tmp_path / "o")))
+        train(make_config(dataset="voc", data_root=str(tmp_path / "nowhere"), progress=False,
+                          out_dir=str(tmp_path / "o")))
     assert "nowhere" in str(e.value) and "voc_root" in str(e.value)
 
 
 def _free_port():
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, out, kw):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     r = train(tiny_config(out_dir=out, **kw), train_ds=toy_items())
     from safetensors.torch import save_file
@@ -244,11 +264,13 @@ def _ddp_worker(rank, world, port, out, kw):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
-    kw = dict(write_pseudo=False, batch_size=4, epochs=2)  # global batch 4: 2 per rank; phase 1 then phase 2 (BN in the decoder)
+    # global batch 4: 2 per rank; phase 1 then phase 2 (BN in the decoder)
+    kw = dict(write_pseudo=False, batch_size=4, epochs=2)
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), kw), nprocs=2, join=True)
     r0, r1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
     for k in r0: assert torch.equal(r0[k], r1[k]), k
-    single = train(tiny_config(out_dir=str(tmp_path / "one"), threads=1, **kw), train_ds=toy_items())["model"].state_dict()
+    single = train(tiny_config(out_dir=str(tmp_path / "one"), threads=1, **kw),
+                   train_ds=toy_items())["model"].state_dict()
     for k in r0:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
     # and training did move the decoder (phase 2 ran under DDP)
@@ -269,22 +291,26 @@ def _val_split(root: Path, dataset: str):
     return lambda run: load_dataset(dataset, root, "val", transform=eval_transform(mean=run["mean"], std=run["std"]))
 
 
-TINY = dict(epochs=2, batch_size=4, crop_size=64, depth=4, threads=1, progress=False, pretrained=False)   # a 4-block ViT: from scratch
+# a 4-block ViT: from scratch
+TINY = dict(epochs=2, batch_size=4, crop_size=64, depth=4, threads=1, progress=False, pretrained=False)
 
 
 @pytest.mark.slow
 def test_papermill_runs_the_main_job(tiny_synth, tmp_path):
     import papermill as pm
     voc, _ = tiny_synth
-    pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(ROOT),
+    pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "out.ipynb"),
+                        kernel_name="python3", cwd=str(ROOT),
                         parameters=dict(data_root=str(voc), out_dir=str(tmp_path / "run"), **TINY), progress_bar=False)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"dataset", "backbone", "epochs", "pseudo_miou", "val_miou", "wall_time_s"} <= set(m)
     assert m["dataset"] == "synth" and m["epochs"] == 2 and 0 <= m["pseudo_miou"] <= 1 and 0 <= m["val_miou"] <= 1
-    assert len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8 and (tmp_path / "run" / "curves.png").is_file()
+    assert (len(list((tmp_path / "run" / "pseudo_labels").glob("*.png"))) == 8
+            and (tmp_path / "run" / "curves.png").is_file())
     _check_reported_metrics(m, tmp_path / "run", _val_split(voc, "synth"), voc / "SegmentationClassAug")
     with pytest.raises(pm.PapermillExecutionError, match="valid: voc, coco, synth"):
-        pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "bad.ipynb"), kernel_name="python3", cwd=str(ROOT),
+        pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "bad.ipynb"),
+                            kernel_name="python3", cwd=str(ROOT),
                             parameters=dict(dataset="pascal"), progress_bar=False)
 
 
@@ -308,7 +334,8 @@ def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_pat
 
 
 def test_train_notebook_documents_the_synth_preset():
-    "Every value of the synth preset, fine-tuning (the notebook's default), is shown in brackets in the parameters cell of nbs/train.ipynb."
+    """Every value of the synth preset, fine-tuning (the notebook's default), is shown in brackets
+    in the parameters cell of nbs/train.ipynb."""
     import ast, re
     from getam.train.singlestage import FINETUNE, PRESETS
     nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
