@@ -28,9 +28,9 @@ from .config import setting
 
 # %% auto #0
 __all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'SHIPPED_WEIGHTS', 'ARCH_KEYS',
-           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_suffix', 'weights_candidates', 'find_weights',
-           'create_backbone', 'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers',
-           'check_class_token_readout', 'AttentionRecorder', 'record_attention']
+           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_overrides', 'arch_suffix', 'weights_candidates',
+           'find_weights', 'create_backbone', 'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers',
+           'resolve_layers', 'check_class_token_readout', 'AttentionRecorder', 'record_attention']
 
 # %% ../nbs/12_backbones.ipynb #162e8ff5
 ALIASES = {
@@ -75,13 +75,20 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 # %% ../nbs/12_backbones.ipynb #04eb8309
 SHIPPED_WEIGHTS = (Path(__file__).resolve().parent / "weights" if "__file__" in globals()
                    else Path("../getam/weights").resolve())
-# architecture overrides, in weight-file names
-ARCH_KEYS = {"patch_size": "p", "embed_dim": "w", "depth": "d", "num_heads": "h"}
+# the ViT architecture overrides (timm keywords); the one list every trainer, CLI and weight-file name reads
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
+_ARCH_LETTERS = dict(zip(ARCH_KEYS, "pwdh"))  # in weight-file names: patch, width, depth, heads
+
+def arch_overrides(values) -> dict:
+    """The architecture overrides `values` sets (not None), in `ARCH_KEYS` order; `values` is a mapping (a preset, the
+    keywords of `create_backbone`) or an object with those attributes (a `TrainConfig`, parsed arguments)."""
+    get = values.get if hasattr(values, "get") else lambda k: getattr(values, k, None)
+    return {k: get(k) for k in ARCH_KEYS if get(k) is not None}
 
 def arch_suffix(arch: dict | None) -> str:
     """The file-name suffix of architecture overrides: `dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)` →
     `-p16-w64-d6-h2`."""
-    return "".join(f"-{k}{arch[a]}" for a, k in ARCH_KEYS.items() if arch and arch.get(a) is not None)
+    return "".join(f"-{k}{arch[a]}" for a, k in _ARCH_LETTERS.items() if arch and arch.get(a) is not None)
 
 def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> list[Path]:
     """Where `create_backbone` looks for local weights of `name` (with `arch` overrides, e.g. the embedded world's small
@@ -116,7 +123,7 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
         raise ValueError(f"backbone {name!r} ({tname}) is neither a timm VisionTransformer nor a ResNet; "
                          f"expected a name from timm's modules {VIT_MODULES + CNN_MODULES}")
     if weights is None and pretrained:
-        arch = {k: kwargs[k] for k in ARCH_KEYS if k in kwargs}
+        arch = arch_overrides(kwargs)
         weights = find_weights(name, weights_dir, arch)
         if weights is None:
             where = ", ".join(map(str, weights_candidates(name, weights_dir, arch)))

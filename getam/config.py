@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'PATH_KEYS', 'SECTION', 'settings_files', 'get_settings', 'setting', 'resolve_device']
+__all__ = ['DEFAULTS', 'PATH_KEYS', 'SECTION', 'settings_files', 'get_settings', 'setting', 'default_saliency_root',
+           'resolve_device']
 
 # %% ../nbs/00_config.ipynb #7eed07b6
 DEFAULTS = dict(
@@ -62,6 +63,13 @@ def setting(key: str, start: str | Path | None = None) -> str:
     s = get_settings(start)
     if key not in s: raise KeyError(f"unknown setting {key!r}; known settings: {', '.join(sorted(s))}")
     return s[key]
+
+# %% ../nbs/00_config.ipynb #89cb5591
+def default_saliency_root(dataset: str, data_root: str | Path | None = None, start: str | Path | None = None) -> Path:
+    """Where `dataset`'s saliency maps are when no saliency root is given: `data_root/SaliencyMaps` when a data root
+    is given, else settings.ini `{dataset}_saliency_root`."""
+    if data_root: return Path(data_root) / "SaliencyMaps"
+    return Path(get_settings(start)[f"{dataset}_saliency_root"])
 
 # %% ../nbs/00_config.ipynb #c8c2b593
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -12,7 +12,8 @@ import torchvision
 from getam.deeplab import ASPP, DeepLabV2, checkpoint_config, dilated_resnet, load_deeplab, save_deeplab
 from getam.train.evaluate import main as evaluate_main
 from getam.train.loop import StepContext
-from getam.train.multistage import PseudoLabelDataset, deeplab_step, make_optimizer, poly_lr, train_deeplab
+from getam.train.multistage import PseudoLabelDataset, deeplab_step, make_optimizer, train_deeplab
+from getam.train.schedules import poly_lr
 
 
 def train_step(net, opt, image, mask) -> float:

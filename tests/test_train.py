@@ -15,7 +15,8 @@ from getam.repro.experiments import load_run
 from getam.train.infer import evaluate_segmenter
 from getam.train.losses import seg_loss
 from getam.metrics import score_folder
-from getam.train.step import class_token_saliency, lr_at, step_losses, two_forward_losses
+from getam.train.schedules import lr_at
+from getam.train.step import class_token_saliency, step_losses, two_forward_losses
 from getam.train.singlestage import TrainConfig, arg_parser, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]

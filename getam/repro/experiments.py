@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..backbones import create_backbone, find_weights
+from ..backbones import arch_overrides, create_backbone, find_weights
 from ..classes import norm_stats
 from ..train.classify import TensorItems, multilabel_f1, train_classifier
 from ..completion import activation_argmax, label_maps, pseudo_labels
-from ..config import get_settings
+from ..config import default_saliency_root, get_settings
 from ..data import LongSideResize, Normalize, load_dataset
 from ..metrics import ConfusionMatrix
 from ..train.multistage import train_deeplab
@@ -56,10 +56,7 @@ SIZE = 128
 def load_split(dataset: str = "synth", split: str = "train", size: int | None = SIZE, root=None, saliency: bool = True):
     "The split as a getam.data dataset of uint8 images resized to long side `size` (masks and saliency too)."
     given, root = root is not None, dataset_root(dataset, root)
-    sal = None
-    if saliency:
-        sal = (root / "SaliencyMaps" if dataset == "synth" and given
-               else Path(get_settings()[f"{dataset}_saliency_root"]))
+    sal = default_saliency_root(dataset, root if given else None) if saliency else None
     return load_dataset(dataset, root, split, saliency_root=sal, transform=LongSideResize(size) if size else None)
 
 @functools.cache
@@ -79,7 +76,7 @@ def stack_items(ds, limit: int | None = None) -> dict:
 
 # %% ../../nbs/91_experiments.ipynb #0550e73a
 # the synth preset's ViT: patch 16, width 64, 6 blocks, 2 heads
-SYNTH_ARCH = {k: PRESETS["synth"][k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+SYNTH_ARCH = arch_overrides(PRESETS["synth"])
 
 def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) -> nn.Module:
     """The ViT of the reproduce notebooks: the synth preset's timm ViT-Tiny variant (`SYNTH_ARCH`), with the weights
@@ -206,7 +203,7 @@ def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, pro
         raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
     out_dir = runs_root(runs_dir) / "train" / name
     data_root = dataset_root(dataset, root)
-    sal = data_root / "SaliencyMaps" if root else Path(get_settings()[f"{dataset}_saliency_root"])
+    sal = default_saliency_root(dataset, data_root if root else None)
     cfg = make_config(preset="synth", dataset=dataset, data_root=str(data_root), saliency_root=str(sal),
                       out_dir=str(out_dir), progress=progress, **{"pretrained": True, **overrides})
     if (out_dir / "metrics.json").is_file():

@@ -20,7 +20,7 @@ from .. import cams
 from ..train.classify import multilabel_f1
 from ..backbones import create_backbone, load_weights_file
 from ..classes import NUM_SYNTH, norm_stats
-from .experiments import load_split, stack_items
+from .experiments import SYNTH_ARCH, load_split, stack_items
 from ..faithfulness import deletion_insertion, energy_pointing_game, pointing_game, update_pseudo_label_cm
 from ..metrics import ConfusionMatrix
 from ..utils import atomic_path, run_cli
@@ -79,9 +79,8 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
               threads: int | None = None, seed: int = 0) -> list[dict]:
     "Run the side-by-side comparison; print the table and write `{out}/{name}.md` and `.csv`. Returns the rows."
     if threads: torch.set_num_threads(threads)
-    arch = dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)
     model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH,
-                            img_size=size, **arch)
+                            img_size=size, **SYNTH_ARCH)
     if weights is not None: model.load_state_dict(load_weights_file(weights))
     model.eval()
     how = f"weights {weights}" if weights else "the shipped getam.train.pretrain weights"

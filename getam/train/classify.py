@@ -5,7 +5,6 @@ CAM network that measures SynthVOC's partial activation, and the pretraining of 
 
 # %% ../../nbs/57_classify.ipynb #bec86ed8
 from __future__ import annotations
-import math
 from functools import partial
 
 import numpy as np
@@ -17,13 +16,14 @@ from torch.utils.data import Dataset
 from ..classes import NUM_SYNTH
 from ..data import Normalize
 from .loop import StepContext, fit
+from .schedules import warmup_cosine
 from ..synth import synth_sample
 from ..utils import seed_everything
 
 
 # %% auto #0
-__all__ = ['TensorItems', 'warmup_cosine', 'classify_step', 'train_classifier', 'multilabel_f1', 'TinyCAMNet',
-           'train_cam_classifier', 'cam_part_coverage']
+__all__ = ['TensorItems', 'classify_step', 'train_classifier', 'multilabel_f1', 'TinyCAMNet', 'train_cam_classifier',
+           'cam_part_coverage']
 
 # %% ../../nbs/57_classify.ipynb #33765e4a
 class TensorItems(Dataset):
@@ -36,12 +36,6 @@ class TensorItems(Dataset):
         x = self.x[i]
         if self.flip and torch.rand(()) < self.flip: x = x.flip(-1)
         return dict(image=x, label=self.labels[i])
-
-def warmup_cosine(step: int, total: int, lr: float, warmup: float = 0.1) -> float:
-    "Linear warm-up over the first `warmup` share of the steps, then cosine decay to 0."
-    w = max(1, int(warmup * total))
-    if step < w: return lr * (step + 1) / w
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 def classify_step(ctx: StepContext, batch: dict) -> dict:
     "One multi-label classification step (image-level labels only): soft-margin loss, one backward, one optimiser step."

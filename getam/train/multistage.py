@@ -22,12 +22,13 @@ from ..deeplab import BACKBONES, DeepLabV2, save_deeplab
 from ..images import read_png
 from .infer import evaluate_model
 from .loop import StepContext, fit
+from .schedules import poly_lr
 from ..metrics import metrics
 from ..utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
-__all__ = ['PseudoLabelDataset', 'poly_lr', 'make_optimizer', 'deeplab_step', 'train_deeplab', 'main']
+__all__ = ['PseudoLabelDataset', 'make_optimizer', 'deeplab_step', 'train_deeplab', 'main']
 
 # %% ../../nbs/56_multistage.ipynb #d32c324a
 class PseudoLabelDataset(Dataset):
@@ -74,10 +75,6 @@ class PseudoLabelDataset(Dataset):
                     name=name)
 
 # %% ../../nbs/56_multistage.ipynb #e204051d
-def poly_lr(step: int, total: int, lr: float, power: float = 0.9) -> float:
-    "The poly schedule `lr · (1 − step/total)^power` (each group scales it by its `lr_mult`: 10 for the ASPP head)."
-    return lr * (1 - min(step, total) / total) ** power
-
 def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                    head_mult: float = 10.0):
     "SGD over the backbone (lr) and the ASPP head (lr × `head_mult`)."

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..backbones import arch_suffix, create_backbone, resolve_name
+from ..backbones import ARCH_KEYS, arch_overrides, arch_suffix, create_backbone, resolve_name
 from ..classes import NUM_SYNTH, norm_stats
-from .classify import multilabel_f1, warmup_cosine
+from .classify import multilabel_f1
 from ..config import setting
 from ..data import Compose, LongSideResize, Normalize, load_dataset
 from .loop import StepContext, fit
+from .schedules import warmup_cosine
 from ..synth import BENCHMARK_SEED_LIMIT, ensure_synthvoc, synth_sample
 from ..utils import atomic_path, run_cli, seed_everything
 
@@ -138,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Pretrain a timm backbone on generated scenes (image-level labels only)")
     p.add_argument("--backbone", default="vit_tiny_patch16_224",
                    help="timm name (or vit | vit_hybrid | deit | deit_distilled)")
-    for a in ("patch_size", "embed_dim", "depth", "num_heads"):
+    for a in ARCH_KEYS:
         p.add_argument("--" + a.replace("_", "-"), type=int, default=None, help="architecture override")
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32)
@@ -161,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
-    arch = {k: getattr(a, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(a, k) is not None}
+    arch = arch_overrides(a)
     cmd = "python -m getam.train.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv)
     rec = pretrain(a.backbone, arch, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.aux_weight, a.seed,
                    a.size, a.out_dir, a.resume, a.threads, a.num_workers, a.init,

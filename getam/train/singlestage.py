@@ -14,23 +14,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ..backbones import resolve_name
+from ..backbones import arch_overrides, resolve_name
 from ..classes import norm_stats
 from ..completion import SALIENCY_SOURCES, LabelRule
-from ..config import get_settings, resolve_device
+from ..config import default_saliency_root, get_settings, resolve_device
 from ..data import DATASETS, eval_transform, load_dataset, train_transform
 from .infer import evaluate_segmenter, pseudo_label_dataset
 from .loop import _parse_value, dist_info, fit
 from ..model import GetamSegmenter
-from .step import lr_at, phase2_start, train_step
+from .schedules import lr_at, phase2_start
+from .step import train_step
 from ..synth import ensure_synthvoc
 from ..utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
-__all__ = ['CHOICES', 'PRESETS', 'FINETUNE', 'ARCH_OVERRIDES', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config',
-           'resolve_paths', 'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs',
-           'arg_parser', 'main']
+__all__ = ['CHOICES', 'PRESETS', 'FINETUNE', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config', 'resolve_paths',
+           'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs', 'arg_parser',
+           'main']
 
 # %% ../../nbs/55_singlestage.ipynb #932934e2
 @dataclass
@@ -115,7 +116,7 @@ class TrainConfig:
                     saliency_weight=self.saliency_weight)
 
     def schedule(self) -> dict:
-        "The run's keywords of `getam.train.step.lr_at`."
+        "The run's keywords of `getam.train.schedules.lr_at`."
         return dict(lr=self.lr, poly_power=self.poly_power, warmup_steps=self.warmup_steps,
                     phase2_lr_scale=self.phase2_lr_scale, cls_only_frac=self.cls_only_frac)
 
@@ -133,7 +134,6 @@ PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292)
 # A preset's schedule when it fine-tunes pretrained weights (`pretrained=True`): the synth ViT's weights come from
 # getam.train.pretrain and need no long classification phase; from scratch (`pretrained=False`) the preset's own schedule holds.
 FINETUNE = {"synth": dict(epochs=20, cls_only_frac=0.25)}
-ARCH_OVERRIDES = ("patch_size", "depth", "embed_dim", "num_heads")
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
     """A checked `TrainConfig`: the defaults, then the `preset`, then every keyword that is not None (None = keep the
@@ -172,7 +172,7 @@ def resolve_paths(cfg: TrainConfig) -> dict:
     "Data root, saliency root, splits and output folder of a run."
     s = get_settings()
     root = Path(cfg.data_root) if cfg.data_root else Path(s[f"{cfg.dataset}_root"])
-    sal = Path(cfg.saliency_root) if cfg.saliency_root else (root / "SaliencyMaps" if cfg.data_root else Path(s[f"{cfg.dataset}_saliency_root"]))
+    sal = Path(cfg.saliency_root) if cfg.saliency_root else default_saliency_root(cfg.dataset, cfg.data_root)
     coco14 = (root / "annotations" / "instances_train2014.json").is_file()
     train_split = cfg.train_split or {"voc": "train_aug", "synth": "train", "coco": "train2014" if coco14 else "train"}[cfg.dataset]
     val_split = cfg.val_split or {"voc": "val", "synth": "val", "coco": "val2014" if coco14 else "val"}[cfg.dataset]
@@ -181,8 +181,9 @@ def resolve_paths(cfg: TrainConfig) -> dict:
     return dict(root=root, saliency_root=sal, train_split=train_split, val_split=val_split, out_dir=out)
 
 def build_model(cfg: TrainConfig, num_classes: int) -> GetamSegmenter:
-    "The two-branch model of a config (backbone from getam.backbones, with the `patch_size`/`depth`/`embed_dim`/`num_heads` overrides)."
-    kw = {k: v for k, v in dict(patch_size=cfg.patch_size, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads).items() if v is not None}
+    """The two-branch model of a config (backbone from getam.backbones, with the config's architecture overrides,
+    `getam.backbones.ARCH_KEYS`)."""
+    kw = arch_overrides(cfg)
     if cfg.drop_path: kw["drop_path_rate"] = cfg.drop_path
     return GetamSegmenter(cfg.backbone, num_classes=num_classes, img_size=cfg.crop_size, features=cfg.features,
                           cls_head=cfg.cls_head, pretrained=cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
