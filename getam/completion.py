@@ -28,7 +28,8 @@ __all__ = ['SALIENCY_SOURCES', 'present_classes', 'gather_classes', 'background_
 
 # %% ../nbs/22_completion.ipynb #90bd2736
 def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "For multi-hot `labels: [B, C]`: class indices `[B, K]` (K = most present classes in an image, padded) and a validity mask `[B, K]`."
+    """For multi-hot `labels: [B, C]`: class indices `[B, K]` (K = most present classes in an image, padded) and a
+    validity mask `[B, K]`."""
     pos = labels > 0
     K = max(int(pos.sum(1).max()) if labels.numel() else 0, 1)
     idx = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :K]
@@ -44,19 +45,23 @@ def background_channel(maps: torch.Tensor, gamma: float = 32) -> torch.Tensor:
     return (1 - maps.amax(1, keepdim=True)).clamp(min=0) ** gamma
 
 def activation_argmax(maps: torch.Tensor, labels: torch.Tensor, gamma: float = 32) -> torch.Tensor:
-    "Fig. 8 (a): argmax of `[background_channel, maps]` over present classes -> `[B, H, W]` (0 background, c+1 class c)."
+    """Fig. 8 (a): argmax of `[background_channel, maps]` over present classes -> `[B, H, W]`
+    (0 background, c+1 class c)."""
     m, idx, ok = _slots(maps, labels)
     val = background_channel(m, gamma)[:, 0]                                # running max, background first
     pred = torch.zeros(val.shape, dtype=torch.long, device=m.device)
     for k in range(m.shape[1]):                                             # K slots (a handful): strict > keeps ties
         better = (m[:, k] > val) & ok[:, k, None, None]
-        pred = torch.where(better, idx[:, k, None, None] + 1, pred); val = torch.where(better, m[:, k], val)
+        pred = torch.where(better, idx[:, k, None, None] + 1, pred)
+        val = torch.where(better, m[:, k], val)
     return pred
 
 def _slots(maps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "The present classes' maps `[B, K, H, W]` (float32, zero in padding slots), their class indices `[B, K]` (ascending) and validity `[B, K]`."
+    """The present classes' maps `[B, K, H, W]` (float32, zero in padding slots), their class indices `[B, K]`
+    (ascending) and validity `[B, K]`."""
     if maps.ndim != 4 or labels.shape != maps.shape[:2]:
-        raise ValueError(f"expected maps [B, C, H, W] and labels [B, C], got {tuple(maps.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"expected maps [B, C, H, W] and labels [B, C], got {tuple(maps.shape)} and "
+                         f"{tuple(labels.shape)}")
     idx, ok = present_classes(labels.to(maps.device))
     return gather_classes(maps.float(), idx) * ok[:, :, None, None], idx, ok
 
@@ -67,13 +72,16 @@ def binarize_saliency(saliency: torch.Tensor, threshold: float = 0) -> torch.Ten
 
 # %% ../nbs/22_completion.ipynb #8e518ca3
 def saliency_mask(pred: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-    "Eq. 4: `pred: [B, H, W]` (argmax labels) and `saliency: [B, H, W]` {0, 1} -> labels (salient: class or 255; rest 0)."
+    """Eq. 4: `pred: [B, H, W]` (argmax labels) and `saliency: [B, H, W]` {0, 1} -> labels
+    (salient: class or 255; rest 0)."""
     sal = saliency.to(pred.device) > 0
     return torch.where(sal, torch.where(pred == 0, torch.full_like(pred, 255), pred), torch.zeros_like(pred))
 
 # %% ../nbs/22_completion.ipynb #35600f63
-def mining_thresholds(maps: torch.Tensor, alpha: float = 0.9, min_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    "Per-(image, class) threshold `t [B, C]` of Eq. 5 over the values > `min_value`, and whether the class is mined at all (`valid [B, C]`)."
+def mining_thresholds(maps: torch.Tensor, alpha: float = 0.9,
+                      min_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(image, class) threshold `t [B, C]` of Eq. 5 over the values > `min_value`, and whether the class is mined at
+    all (`valid [B, C]`)."""
     B, C = maps.shape[:2]
     flat = maps.float().reshape(B, C, -1)
     pos = flat > min_value
@@ -88,7 +96,8 @@ def mining_thresholds(maps: torch.Tensor, alpha: float = 0.9, min_value: float =
 
 def mine_high_activation(pseg: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
                          alpha: float = 0.9, min_value: float = 0) -> torch.Tensor:
-    """Eq. 5 on the non-salient pixels of `pseg: [B, H, W]`: one high class -> that class (c+1), several -> 255, none -> unchanged.
+    """Eq. 5 on the non-salient pixels of `pseg: [B, H, W]`: one high class -> that class (c+1), several -> 255,
+    none -> unchanged.
 
     `min_value`: only values above it count as the class's activation when ranking (0: the paper and released code)."""
     m, idx, ok = _slots(maps, labels)                                    # [B, K, H, W]
@@ -118,18 +127,22 @@ def complete_labels(maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Te
     """Activation-aware label completion (Sec. 4.2) -> int64 `[B, H, W]` (0 background, c+1 class c, 255 ignore).
 
     `maps: [B, C, H, W]` in [0, 1] (absent classes are ignored whatever their values), `labels: [B, C]` multi-hot,
-    `saliency: [B, H, W]` binarised as value > `saliency_threshold`, or `"attention"` to derive it from `a_cls: [B, h, w]`
-    and `image: [B, 3, H, W]` (`attention_saliency`). `gamma`: background exponent; `alpha`: mining quantile (0.9 VOC,
-    0.95 COCO in the released code); `opening`: size of the optional foreground opening (0 = off; released code: 10);
-    `min_value`: values counted as a class's activation in Eq. 5's ranking are those > `min_value` (0 = paper/released)."""
+    `saliency: [B, H, W]` binarised as value > `saliency_threshold`, or `"attention"` to derive it
+    from `a_cls: [B, h, w]` and `image: [B, 3, H, W]` (`attention_saliency`). `gamma`: background exponent; `alpha`:
+    mining quantile (0.9 VOC, 0.95 COCO in the released code); `opening`: size of the optional foreground opening
+    (0 = off; released code: 10); `min_value`: values counted as a class's activation in Eq. 5's ranking are
+    those > `min_value` (0 = paper/released)."""
     if isinstance(saliency, str):
-        if saliency != "attention": raise ValueError(f"saliency={saliency!r}: expected a [B, H, W] tensor or 'attention'")
-        if a_cls is None or image is None: raise ValueError("saliency='attention' needs a_cls [B, h, w] and image [B, 3, H, W]")
+        if saliency != "attention":
+            raise ValueError(f"saliency={saliency!r}: expected a [B, H, W] tensor or 'attention'")
+        if a_cls is None or image is None:
+            raise ValueError("saliency='attention' needs a_cls [B, h, w] and image [B, 3, H, W]")
         sal = attention_saliency(a_cls, image, threshold=attention_threshold)
     else: sal = binarize_saliency(saliency, saliency_threshold)
     sal = sal.to(maps.device)
     if sal.shape != (maps.shape[0], *maps.shape[-2:]):
-        raise ValueError(f"saliency has shape {tuple(sal.shape)}, expected [B, H, W] = {(maps.shape[0], *maps.shape[-2:])} like the maps")
+        raise ValueError(f"saliency has shape {tuple(sal.shape)}, expected [B, H, W] = "
+                         f"{(maps.shape[0], *maps.shape[-2:])} like the maps")
     pseg = saliency_mask(activation_argmax(maps, labels, gamma), sal)
     pseg = mine_high_activation(pseg, maps, labels, sal, alpha, min_value)
     return open_foreground(pseg, opening) if opening else pseg
@@ -144,22 +157,27 @@ def label_maps(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, re
     if maps.shape[-2:] != (H, W): maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
     idx, ok = present_classes(labels.to(image.device))
     m = gather_classes(maps, idx)
-    if refine: m = pamr(image, m, dilations, iters)  # padding slots included: one affinity per image, broadcast over its K maps
+    # padding slots included: one affinity per image, broadcast over its K maps
+    if refine: m = pamr(image, m, dilations, iters)
     m = normalize_maps(m.clamp(min=0), eps=1e-5) * ok[:, :, None, None]
     return torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
 
 def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor | str,
-                  refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10, **kwargs) -> torch.Tensor:
-    "`image: [B, 3, H, W]`, raw `maps: [B, C, h, w]` >= 0 -> pseudo labels `[B, H, W]`: `complete_labels` of `label_maps`."
+                  refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10,
+                  **kwargs) -> torch.Tensor:
+    """`image: [B, 3, H, W]`, raw `maps: [B, C, h, w]` >= 0 -> pseudo labels `[B, H, W]`: `complete_labels` of
+    `label_maps`."""
     if isinstance(saliency, str): kwargs.setdefault("image", image)
     return complete_labels(label_maps(image, maps, labels, refine, dilations, iters), labels, saliency, **kwargs)
 
 # %% ../nbs/22_completion.ipynb #f127beef
 def attention_saliency(a_cls: torch.Tensor, image: torch.Tensor, threshold: float = 0.3, refine: bool = True,
                        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10) -> torch.Tensor:
-    "A binary saliency map `[B, H, W]` {0, 1} from the class-token attention `a_cls: [B, h, w]` (max-normalised, PAMR-refined, > `threshold`)."
+    """A binary saliency map `[B, H, W]` {0, 1} from the class-token attention `a_cls: [B, h, w]` (max-normalised,
+    PAMR-refined, > `threshold`)."""
     if a_cls.ndim != 3 or image.ndim != 4 or a_cls.shape[0] != image.shape[0]:
-        raise ValueError(f"attention_saliency: expected a_cls [B, h, w] and image [B, 3, H, W], got {tuple(a_cls.shape)} and {tuple(image.shape)}")
+        raise ValueError(f"attention_saliency: expected a_cls [B, h, w] and image [B, 3, H, W], "
+                         f"got {tuple(a_cls.shape)} and {tuple(image.shape)}")
     a = a_cls.to(image.device).float().clamp(min=0)[:, None]
     a = F.interpolate(a, size=image.shape[-2:], mode="bilinear", align_corners=False)
     if refine: a = pamr(image, a, dilations, iters)
@@ -186,11 +204,13 @@ def crf_labels(image: np.ndarray, probs, params: str | dict = "released") -> np.
     """Dense-CRF refinement of `probs: [K, H, W]` on `image: uint8 [H, W, 3]` -> argmax index `[H, W]` (int64, 0..K-1).
 
     `params`: `"released"` (gaussian sxy 3 compat 3; bilateral sxy 83 srgb 5 compat 4; 10 iterations), `"deeplab"`, or a
-    dict overriding keys of `getam.train.evaluate.CRF_PARAMS["released"]` (`iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb,
-    bi_compat`); the common CAM setting is `dict(bi_sxy=80, bi_srgb=13, bi_compat=10)`. Needs pydensecrf2 (`pip install pydensecrf2`)."""
+    dict overriding keys of `getam.train.evaluate.CRF_PARAMS["released"]` (`iters, gauss_sxy, gauss_compat, bi_sxy,
+    bi_srgb, bi_compat`); the common CAM setting is `dict(bi_sxy=80, bi_srgb=13, bi_compat=10)`. Needs pydensecrf2
+    (`pip install pydensecrf2`)."""
     return dense_crf(image, probs, params).argmax(0).astype(np.int64)
 
-def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32, params: str | dict = "released") -> np.ndarray:
+def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32,
+                      params: str | dict = "released") -> np.ndarray:
     "Table 2's CRF baseline for one image: `maps: [C, H, W]` in [0, 1], `labels: [C]` -> labels `[H, W]` (0 bg, c+1)."
     maps, labels = torch.as_tensor(maps).float(), torch.as_tensor(labels)
     cls = torch.nonzero(labels > 0).flatten()
@@ -211,7 +231,8 @@ def save_pseudo_labels(labels: torch.Tensor, names: Sequence[str], out_dir: str 
 
 
 # %% ../nbs/22_completion.ipynb #df09fc12
-def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma: float = 3.0, seed: int = 0) -> torch.Tensor:
+def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma: float = 3.0,
+                 seed: int = 0) -> torch.Tensor:
     """A **stand-in** for GETAM maps, derived from ground truth: `mask, part: [B, H, W]` -> `[B, C, H, W]` in [0, 1].
 
     Class c's map is its object mask at 0.5 plus its discriminative part at 1, blurred (`sigma` px, overflowing the
@@ -219,10 +240,14 @@ def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma
     g = torch.Generator().manual_seed(seed)
     B, H, W = mask.shape
     oh = torch.stack([(mask == c + 1).float() * 0.5 + (part == c + 1).float() * 0.5 for c in range(num_classes)], 1)
-    r = max(1, int(3 * sigma)); x = torch.arange(-r, r + 1).float(); k = torch.exp(-x ** 2 / (2 * sigma ** 2)); k /= k.sum()
+    r = max(1, int(3 * sigma))
+    x = torch.arange(-r, r + 1).float()
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
     blur = F.conv2d(F.pad(oh.reshape(-1, 1, H, W), [r, r, 0, 0], mode="replicate"), k.view(1, 1, 1, -1))
     blur = F.conv2d(F.pad(blur, [0, 0, r, r], mode="replicate"), k.view(1, 1, -1, 1)).view(B, num_classes, H, W)
-    noise = F.interpolate(torch.rand(B, num_classes, 4, 4, generator=g), size=(H, W), mode="bilinear", align_corners=False)
+    noise = F.interpolate(torch.rand(B, num_classes, 4, 4, generator=g), size=(H, W), mode="bilinear",
+                          align_corners=False)
     return normalize_maps(blur * (0.6 + 0.8 * noise), eps=1e-5).clamp(0, 1)
 
 # %% ../nbs/22_completion.ipynb #f527d508
@@ -239,11 +264,14 @@ def _complete_numpy(image, maps, labels, saliency, gamma=32, alpha=0.9):
         p = np.where(sal, np.where(pred == 0, 255, pred), 0)
         count, hit = np.zeros(p.shape, np.int64), np.zeros(p.shape, np.int64)
         for j, c in enumerate(cls):
-            v = np.sort(m[j][m[j] > 0]); k = int(len(v) * alpha)
+            v = np.sort(m[j][m[j] > 0])
+            k = int(len(v) * alpha)
             if k == 0 or k >= len(v): continue
             high = (m[j] > v[k]) & ~sal
-            count += high; hit[high] = c + 1
-        p[count == 1] = hit[count == 1]; p[count > 1] = 255
+            count += high
+            hit[high] = c + 1
+        p[count == 1] = hit[count == 1]
+        p[count > 1] = 255
         out.append(p)
     return np.stack(out)
 
@@ -255,7 +283,8 @@ def _bench_inputs(B=8, C=20, K=3, size=256, seed=0):
     labels = torch.zeros(B, C)
     for b in range(B): labels[b, torch.randperm(C, generator=g)[:K]] = 1
     maps = torch.rand(B, C, size // 16, size // 16, generator=g) * labels[:, :, None, None]
-    saliency = (F.interpolate(torch.rand(B, 1, 4, 4, generator=g), size=(size, size), mode="bilinear")[:, 0] > 0.5).long()
+    coarse = torch.rand(B, 1, 4, 4, generator=g)
+    saliency = (F.interpolate(coarse, size=(size, size), mode="bilinear")[:, 0] > 0.5).long()
     return image, maps, labels, saliency
 
 def benchmark(repeats: int = 5, B: int = 8, C: int = 20, K: int = 3, size: int = 256) -> dict[str, float]:
@@ -268,7 +297,8 @@ def benchmark(repeats: int = 5, B: int = 8, C: int = 20, K: int = 3, size: int =
     a, b = batched().numpy(), loop()
     print(f"B={B}, C={C}, {K} classes per image, {size}x{size}, PAMR 10 iterations x 6 dilations; "
           f"labels agree on {(a == b).mean() * 100:.3f}% of pixels")
-    times = time_side_by_side({"per-image numpy loop (released-style)": loop, "batched torch": batched}, repeats=repeats)
+    times = time_side_by_side({"per-image numpy loop (released-style)": loop, "batched torch": batched},
+                              repeats=repeats)
     print(format_timings(times))
     print(f"speed-up: {times['per-image numpy loop (released-style)'] / times['batched torch']:.1f}x")
     return times

@@ -68,7 +68,8 @@ class MissingExtra(ImportError):
     "A package outside getam's core install is not installed; the message names the extra that brings it."
 
 def require_extra(module: str, extra: str = "notebooks", needed_by: str | None = None):
-    "Import and return `module` (`seaborn`, `IPython.display`); if it is missing, raise `MissingExtra` naming `getam[extra]`."
+    """Import and return `module` (`seaborn`, `IPython.display`); if it is missing, raise `MissingExtra` naming
+    `getam[extra]`."""
     try: return importlib.import_module(module)
     except ImportError as e:
         package = module.split(".")[0]
@@ -76,7 +77,8 @@ def require_extra(module: str, extra: str = "notebooks", needed_by: str | None =
                            f'pip install "getam[{extra}]"') from e
 
 # %% ../nbs/01_utils.ipynb #e2ffba41
-USER_ERRORS = (OSError, ValueError, KeyError, EOFError, MissingExtra)   # what a bad path, file, value or checkpoint raises here, or a missing extra
+# what a bad path, file, value or checkpoint raises here, or a missing extra
+USER_ERRORS = (OSError, ValueError, KeyError, EOFError, MissingExtra)
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
     """Run a command's `main(argv)`: user errors (`USER_ERRORS`) print `error: ...` on stderr and exit 2, unless

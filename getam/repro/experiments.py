@@ -80,8 +80,8 @@ SYNTH_ARCH = arch_overrides(PRESETS["synth"])
 
 def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) -> nn.Module:
     """The ViT of the reproduce notebooks: the synth preset's timm ViT-Tiny variant (`SYNTH_ARCH`), with the weights
-    getam ships (`getam.train.pretrain` on generated scenes; the head is replaced when `num_classes` differs from theirs),
-    or random with `pretrained=False`."""
+    getam ships (`getam.train.pretrain` on generated scenes; the head is replaced when `num_classes` differs from
+    theirs), or random with `pretrained=False`."""
     return create_backbone(PRESETS["synth"]["backbone"], pretrained=pretrained, num_classes=num_classes, img_size=size,
                            download=False, **SYNTH_ARCH)
 
@@ -197,8 +197,8 @@ def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, pro
                 retrain: bool = True, **overrides) -> dict:
     """The end-to-end run of `make_config(preset="synth", dataset=dataset, pretrained=True, **overrides)` (from the
     shipped weights unless `pretrained=False`) in `{runs_dir}/reproduce/train/{name}`: trained once with
-    `getam.train.singlestage.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s dict plus
-    `trained` (bool)."""
+    `getam.train.singlestage.train`, loaded while its recorded config equals the requested one. Returns `load_run`'s
+    dict plus `trained` (bool)."""
     if not name or name in (".", "..") or Path(name).name != name:
         raise ValueError(f"name={name!r}: expected a plain folder name such as 'synth-main'")
     out_dir = runs_root(runs_dir) / "train" / name

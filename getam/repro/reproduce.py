@@ -69,7 +69,8 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
                 checkpoint: str = "") -> list[SharedJob]:
     "The shared classifiers and end-to-end runs that the notebooks `nbs` need (`NEEDS`), longest first."
     unknown = [p.stem for p in nbs if p.stem.split("_")[0] not in NEEDS]
-    if unknown: raise ValueError(f"notebooks {unknown} are not in getam.repro.reproduce.NEEDS; add what they train there")
+    if unknown:
+        raise ValueError(f"notebooks {unknown} are not in getam.repro.reproduce.NEEDS; add what they train there")
     need = {k for p in nbs for k in NEEDS[p.stem.split("_")[0]]}
     q, e = dict(dataset=dataset, quick=quick), "quick" if quick else f"e{REDUCED_EPOCHS}"
     vit = lambda label, cost, **kw: SharedJob(label, "classifier", dict(kind="vit", dataset=dataset, **kw), cost)

@@ -45,8 +45,9 @@ def classify_step(ctx: StepContext, batch: dict) -> dict:
 def train_classifier(model: nn.Module, data: Dataset, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3,
                      weight_decay: float = 0.05, seed: int = 0, max_steps: int | None = None, out_dir=None,
                      resume: bool = False, device="cpu", amp: str = "none", progress: bool = True, **fit_kw) -> dict:
-    """Multi-label classification training of `model` on `data` (items with `image`, `label`) through `getam.train.loop.fit`:
-    AdamW, warm-up + cosine lr. Returns `fit`'s result with `epoch_loss` (mean loss per epoch)."""
+    """Multi-label classification training of `model` on `data` (items with `image`, `label`) through
+    `getam.train.loop.fit`: AdamW, warm-up + cosine lr. Returns `fit`'s result with `epoch_loss` (mean loss per
+    epoch)."""
     seed_everything(seed)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)

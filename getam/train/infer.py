@@ -40,7 +40,9 @@ def _parse_scales(scales) -> tuple[float, ...]:
         if scales in SCALES: return SCALES[scales]
         scales = [float(s) for s in scales.replace(",", " ").split()]
     scales = tuple(float(s) for s in scales)
-    if not scales or any(s <= 0 for s in scales): raise ValueError(f"scales={scales}: expected positive factors (<8) or square sizes (>=8), or one of {list(SCALES)}")
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales={scales}: expected positive factors (<8) or square sizes (>=8), "
+                         f"or one of {list(SCALES)}")
     return scales
 
 # %% ../../nbs/54_infer.ipynb #53f42356
@@ -49,7 +51,8 @@ def predict(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
             merge: str = "logits", return_single: bool = False):
     "Merged segmentation scores `[B, K, H, W]` of a normalised batch `image: [B, 3, H, W]` over `scales` (and flips)."
     if merge not in ("logits", "probs"): raise ValueError(f"merge={merge!r}: expected 'logits' or 'probs'")
-    if image.ndim != 4 or image.shape[1] != 3: raise ValueError(f"image: expected a normalised float batch [B, 3, H, W], got {tuple(image.shape)}")
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image: expected a normalised float batch [B, 3, H, W], got {tuple(image.shape)}")
     scales = _parse_scales(scales)
     B, _, H, W = image.shape
     total, single = None, None
@@ -58,7 +61,8 @@ def predict(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
         x = image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         out = model_fn(torch.cat([x, x.flip(-1)]) if flip else x).float()
         if out.ndim != 4 or out.shape[0] != (2 * B if flip else B):
-            raise ValueError(f"model_fn returned shape {tuple(out.shape)}; expected logits [B, K, h, w] for an input of {tuple(x.shape)}")
+            raise ValueError(f"model_fn returned shape {tuple(out.shape)}; expected logits [B, K, h, w] "
+                             f"for an input of {tuple(x.shape)}")
         if tuple(out.shape[-2:]) != (H, W): out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         if return_single and size == (H, W) and single is None: single = out[:B].clone()
         if flip: out = torch.stack([out[:B], out[B:].flip(-1)])
@@ -87,7 +91,8 @@ def _save_pred(path: Path, pred: torch.Tensor, palette=None):
 
 # %% ../../nbs/54_infer.ipynb #bbfb6f2c
 @torch.no_grad()
-def evaluate_model(model_fn: Callable, dataset, num_classes: int | None = None, class_names: Sequence[str] | None = None,
+def evaluate_model(model_fn: Callable, dataset,
+                   num_classes: int | None = None, class_names: Sequence[str] | None = None,
                    scales="common", flip: bool = True, crf: str | dict | None = "released", merge: str = "logits",
                    device: str | torch.device = "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD, processes: int = 2,
                    limit: int | None = None, save_dir: str | Path | None = None, palette=None,
@@ -97,7 +102,8 @@ def evaluate_model(model_fn: Callable, dataset, num_classes: int | None = None, 
     if params is not None: _import_crf()
     class_names = list(class_names) if class_names is not None else _names_of(dataset)
     K = num_classes or (len(class_names) if class_names else None)
-    if K is None: raise ValueError("evaluate_model: give num_classes (background included) or a dataset with class_names")
+    if K is None:
+        raise ValueError("evaluate_model: give num_classes (background included) or a dataset with class_names")
     keys = ["single_scale", "ms_flip"] + (["ms_flip_crf"] if params else [])
     cms = {k: ConfusionMatrix(K, class_names, device=device) for k in keys}
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -113,18 +119,23 @@ def evaluate_model(model_fn: Callable, dataset, num_classes: int | None = None, 
             name, gt = str(item.get("name", i)), item.get("mask")
             x, raw = _norm_and_raw(item["image"], mean, std, device)
             ms, ss = predict(model_fn, x, scales, flip, merge=merge, return_single=True)
-            if ms.shape[1] != K: raise ValueError(f"model_fn gives {ms.shape[1]} classes, expected num_classes={K} (background included)")
+            if ms.shape[1] != K:
+                raise ValueError(f"model_fn gives {ms.shape[1]} classes, expected num_classes={K} "
+                                 "(background included)")
             if gt is not None:
                 gt = torch.as_tensor(gt).to(device)
                 cms["single_scale"].update(ss[0].argmax(0), gt, name=name)
                 if params: cms["ms_flip"].update(ms[0].argmax(0), gt, name=name)
-            if not params: finish(name, gt, ms[0].argmax(0)); continue
+            if not params:
+                finish(name, gt, ms[0].argmax(0))
+                continue
             probs = (ms[0] if merge == "probs" else ms[0].softmax(0)).cpu().numpy()
             if ex is None: finish(name, gt, torch.from_numpy(dense_crf(raw, probs, params).argmax(0)))
             else:
                 pending.append((name, gt, ex.submit(_crf_task, (raw, probs, params))))
                 while len(pending) > 2 * processes or (pending and pending[0][2].done()):
-                    nm, g, fut = pending.pop(0); finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
+                    nm, g, fut = pending.pop(0)
+                    finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
         for nm, g, fut in pending: finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
     finally:
         if ex is not None: ex.shutdown(cancel_futures=True)
@@ -133,12 +144,15 @@ def evaluate_model(model_fn: Callable, dataset, num_classes: int | None = None, 
 # %% ../../nbs/54_infer.ipynb #5a08d65b
 def voc_results_dir(out: str | Path, comp: str = "comp6") -> Path:
     "`out/results/VOC2012/Segmentation/{comp}_test_cls` (the VOC server's layout; tar `results/` and upload)."
-    if comp not in ("comp5", "comp6"): raise ValueError(f"comp={comp!r}: expected 'comp5' (VOC data only) or 'comp6' (outside data)")
+    if comp not in ("comp5", "comp6"):
+        raise ValueError(f"comp={comp!r}: expected 'comp5' (VOC data only) or 'comp6' (outside data)")
     return Path(out) / "results" / "VOC2012" / "Segmentation" / f"{comp}_test_cls"
 
 def export_voc_test(model_fn: Callable, dataset, out: str | Path, comp: str = "comp6", **kwargs) -> Path:
-    "Predict every item of `dataset` (VOC `test` split) with `evaluate_model` and write the server's folder of palette PNGs."
-    d = voc_results_dir(out, comp); d.mkdir(parents=True, exist_ok=True)
+    """Predict every item of `dataset` (VOC `test` split) with `evaluate_model` and write the server's folder
+    of palette PNGs."""
+    d = voc_results_dir(out, comp)
+    d.mkdir(parents=True, exist_ok=True)
     evaluate_model(model_fn, dataset, save_dir=d, **kwargs)
     return d
 
@@ -148,7 +162,8 @@ def _pad_to(x: torch.Tensor, m: int) -> torch.Tensor:
     return F.pad(x, (0, (-W) % m, 0, (-H) % m))
 
 def segmenter_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    "`model_fn` of a two-branch model: normalised `[B, 3, H, W]` → segmentation logits `[B, C+1, H, W]` (padded to the patch size)."
+    """`model_fn` of a two-branch model: normalised `[B, 3, H, W]` → segmentation logits `[B, C+1, H, W]` (padded to the
+    patch size)."""
     m = _unwrap(model)
     def model_fn(x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
@@ -160,13 +175,16 @@ def segment(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     "image: normalised [B, 3, H, W] → segmentation labels [B, H, W] (argmax of the decoder, single scale)."
     return predict(segmenter_fn(model), image).argmax(1)
 
-def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = None, progress: bool = False) -> ConfusionMatrix:
+def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = None,
+                       progress: bool = False) -> ConfusionMatrix:
     "Validation confusion matrix of a two-branch model's single-scale predictions on `ds` (items need `mask`)."
-    m = _unwrap(model); was = m.training; m.eval()
+    m = _unwrap(model)
+    was = m.training
+    m.eval()
     K = m.num_classes + 1
     names = _names_of(ds.dataset if hasattr(ds, "dataset") else ds) or ["background"] + [str(i) for i in range(1, K)]
-    cms = evaluate_model(segmenter_fn(m), ds, K, names if len(names) == K else None, scales="single", flip=False, crf=None,
-                         device=device, limit=limit, progress=progress)
+    cms = evaluate_model(segmenter_fn(m), ds, K, names if len(names) == K else None,
+                         scales="single", flip=False, crf=None, device=device, limit=limit, progress=progress)
     m.train(was)
     return cms["single_scale"]
 

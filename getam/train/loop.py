@@ -137,8 +137,8 @@ def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scale
     for f in ("model.safetensors", "state.pt"):
         if not (out_dir / f).is_file():
             raise FileNotFoundError(f"no checkpoint in {out_dir}: {f} is missing (expected model.safetensors + "
-                                    "state.pt written by getam.train.singlestage; out_dir defaults to the settings.ini key "
-                                    "runs_dir / run_name)")
+                                    "state.pt written by getam.train.singlestage; out_dir defaults to the settings.ini "
+                                    "key runs_dir / run_name)")
     try:
         weights = load_file(str(out_dir / "model.safetensors"), device="cpu")
         state = torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)

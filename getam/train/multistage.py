@@ -102,8 +102,8 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
                   out_dir: str | Path = "runs/deeplab", num_workers: int = 0, processes: int = 2,
                   max_steps: int | None = None, limit_train: int | None = None, eval_limit: int | None = None,
                   resume: bool = False, progress: bool = True) -> dict:
-    """Train DeepLab v2 on a folder of pseudo labels through `getam.train.loop.fit` (poly lr, SGD) and evaluate it with the
-    protocol of `getam.train.infer.evaluate_model`; returns (and writes `out_dir/metrics.json`) the metrics."""
+    """Train DeepLab v2 on a folder of pseudo labels through `getam.train.loop.fit` (poly lr, SGD) and evaluate it with
+    the protocol of `getam.train.infer.evaluate_model`; returns (and writes `out_dir/metrics.json`) the metrics."""
     seed_everything(seed)
     device = resolve_device(device)
     out_dir = Path(out_dir)

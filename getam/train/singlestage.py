@@ -40,9 +40,9 @@ class TrainConfig:
     # data
     dataset: str = "synth"            # synth | voc | coco
     data_root: str | None = None      # None → settings.ini {dataset}_root
-    saliency_root: str | None = None  # None → data_root/SaliencyMaps if data_root is given, else settings.ini {dataset}_saliency_root
-    saliency: str = "maps"            # maps: external saliency maps (the paper) | attention: threshold A_CLS instead (no detector)
-    attention_threshold: float = 0.3  # saliency="attention": salient where the PAMR-refined, max-normalised A_CLS > this
+    saliency_root: str | None = None  # None → data_root/SaliencyMaps, else settings.ini {dataset}_saliency_root
+    saliency: str = "maps"            # maps: external saliency maps (paper) | attention: threshold A_CLS (no detector)
+    attention_threshold: float = 0.3  # saliency="attention": salient where PAMR-refined, max-normalised A_CLS > this
     train_split: str | None = None    # None → train_aug (voc), train2014 or train (coco), train (synth)
     val_split: str | None = None      # None → val (voc, synth), val2014 or val (coco)
     supervision: str = "pseudo"       # pseudo: GETAM pseudo labels (the method) | gt: ground-truth masks (the oracle)
@@ -79,7 +79,7 @@ class TrainConfig:
     # losses
     cls_weight: float = 1.0
     seg_weight: float = 1.0
-    seg_loss: str = "ce"              # ce (ignore 255) | split (released: background and foreground CE averaged separately)
+    seg_loss: str = "ce"              # ce (ignore 255) | split (released: background and foreground CE averaged apart)
     saliency_weight: float = 0.0      # corrected saliency loss (background probability vs 1 − saliency); off by default
     # pseudo labels (GETAM → PAMR → label completion)
     layers: list | None = None        # GETAM blocks; None → all (ViT-Hybrid: the last half)
@@ -128,11 +128,12 @@ CHOICES = dict(dataset=DATASETS, saliency=SALIENCY_SOURCES, supervision=("pseudo
 PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292), lr=0.04, epochs=20, cls_only_frac=0.5,
                             momentum=0.9, weight_decay=5e-4, poly_power=0.9, phase2_lr_scale=0.1, seg_loss="split",
                             cls_head="pooled", gamma=32.0, alpha=0.9, use_pamr=True, optimizer="sgd", warmup_steps=0),
-           "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2, head_stride=4,
-                         crop_size=128, batch_size=16, epochs=80, cls_only_frac=0.75, optimizer="adamw", lr=1e-3,
-                         weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0, decoder_lr_mult=10.0)}
+           "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2,
+                         head_stride=4, crop_size=128, batch_size=16, epochs=80, cls_only_frac=0.75, optimizer="adamw",
+                         lr=1e-3, weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0, decoder_lr_mult=10.0)}
 # A preset's schedule when it fine-tunes pretrained weights (`pretrained=True`): the synth ViT's weights come from
-# getam.train.pretrain and need no long classification phase; from scratch (`pretrained=False`) the preset's own schedule holds.
+# getam.train.pretrain and need no long classification phase; from scratch (`pretrained=False`) the preset's own
+# schedule holds.
 FINETUNE = {"synth": dict(epochs=20, cls_only_frac=0.25)}
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
@@ -141,8 +142,10 @@ def make_config(preset: str | None = None, **kw) -> TrainConfig:
     looked up under the overridden architecture's name (`getam.backbones.weights_candidates`), e.g. the shipped ones,
     and the preset's fine-tuning schedule (`FINETUNE`) replaces its from-scratch one."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if bad := sorted(set(kw) - names): raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
-    if preset not in CHOICES["preset"]: raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
+    if bad := sorted(set(kw) - names):
+        raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
+    if preset not in CHOICES["preset"]:
+        raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
     given = {k: v for k, v in kw.items() if v is not None}
     base = dict(PRESETS[preset]) if preset else {}
     if given.get("pretrained") and preset in FINETUNE: base.update(FINETUNE[preset])
@@ -155,14 +158,18 @@ def make_config(preset: str | None = None, **kw) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> TrainConfig:
     "Raise `ValueError` naming the parameter, its value and the valid values."
     for k, valid in CHOICES.items():
-        if getattr(cfg, k) not in valid: raise ValueError(f"{k}={getattr(cfg, k)!r} is not valid; valid: {', '.join(map(str, valid))}")
+        if getattr(cfg, k) not in valid:
+            raise ValueError(f"{k}={getattr(cfg, k)!r} is not valid; valid: {', '.join(map(str, valid))}")
     for k in ("epochs", "batch_size", "crop_size"):
-        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1: raise ValueError(f"{k}={getattr(cfg, k)!r}: expected a positive integer")
+        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1:
+            raise ValueError(f"{k}={getattr(cfg, k)!r}: expected a positive integer")
     if not 0 <= cfg.cls_only_frac < 1: raise ValueError(f"cls_only_frac={cfg.cls_only_frac}: expected 0 <= value < 1")
     if not cfg.lr > 0: raise ValueError(f"lr={cfg.lr}: expected a positive number")
     if cfg.saliency == "attention" and cfg.saliency_weight:
-        raise ValueError(f"saliency_weight={cfg.saliency_weight} needs saliency='maps': the saliency loss has no target without a saliency detector")
-    if cfg.amp == "fp16" and not str(cfg.device).startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
+        raise ValueError(f"saliency_weight={cfg.saliency_weight} needs saliency='maps': the saliency loss has no "
+                         "target without a saliency detector")
+    if (cfg.amp == "fp16" and not str(cfg.device).startswith("cuda")
+            and not (cfg.device == "auto" and torch.cuda.is_available())):
         raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16'")
     resolve_name(cfg.backbone)  # raises with the valid names
     return cfg
@@ -174,7 +181,8 @@ def resolve_paths(cfg: TrainConfig) -> dict:
     root = Path(cfg.data_root) if cfg.data_root else Path(s[f"{cfg.dataset}_root"])
     sal = Path(cfg.saliency_root) if cfg.saliency_root else default_saliency_root(cfg.dataset, cfg.data_root)
     coco14 = (root / "annotations" / "instances_train2014.json").is_file()
-    train_split = cfg.train_split or {"voc": "train_aug", "synth": "train", "coco": "train2014" if coco14 else "train"}[cfg.dataset]
+    train_split = cfg.train_split or {"voc": "train_aug", "synth": "train",
+                                      "coco": "train2014" if coco14 else "train"}[cfg.dataset]
     val_split = cfg.val_split or {"voc": "val", "synth": "val", "coco": "val2014" if coco14 else "val"}[cfg.dataset]
     name = cfg.run_name or f"{cfg.dataset}-{cfg.backbone}-{cfg.supervision}"
     out = Path(cfg.out_dir) if cfg.out_dir else Path(s["runs_dir"]) / name
@@ -198,12 +206,15 @@ def build_optimizer(model: GetamSegmenter, cfg: TrainConfig) -> torch.optim.Opti
 
 def build_datasets(cfg: TrainConfig, paths: dict, mean, std) -> tuple[Dataset, Dataset, Dataset]:
     "(train with augmentation, train at full size for pseudo labels, val) datasets."
-    sal = paths["saliency_root"] if (cfg.supervision == "pseudo" and cfg.saliency == "maps") or cfg.saliency_weight else None
-    tt = train_transform(cfg.crop_size, tuple(cfg.resize_range) if cfg.resize_range else None, mean=mean, std=std) if cfg.augment \
-        else eval_transform(crop_size=cfg.crop_size, mean=mean, std=std)
+    sal = (paths["saliency_root"] if (cfg.supervision == "pseudo" and cfg.saliency == "maps") or cfg.saliency_weight
+           else None)
+    tt = (train_transform(cfg.crop_size, tuple(cfg.resize_range) if cfg.resize_range else None, mean=mean, std=std)
+          if cfg.augment else eval_transform(crop_size=cfg.crop_size, mean=mean, std=std))
     ld = lambda split, sal, t: load_dataset(cfg.dataset, paths["root"], split, saliency_root=sal, transform=t)
     train = ld(paths["train_split"], sal, tt)
-    full = ld(paths["train_split"], paths["saliency_root"] if cfg.saliency == "maps" else None, eval_transform(mean=mean, std=std)) if cfg.write_pseudo and cfg.supervision == "pseudo" else None
+    full = (ld(paths["train_split"], paths["saliency_root"] if cfg.saliency == "maps" else None,
+               eval_transform(mean=mean, std=std))
+            if cfg.write_pseudo and cfg.supervision == "pseudo" else None)
     val = ld(paths["val_split"], None, eval_transform(mean=mean, std=std))
     if cfg.limit_train: train = torch.utils.data.Subset(train, range(min(cfg.limit_train, len(train))))
     return train, full, val
@@ -220,7 +231,9 @@ def train(cfg: TrainConfig | None = None, *, train_ds: Dataset | None = None, va
     own_pg = world > 1 and not dist.is_initialized()
     device = resolve_device(cfg.device)
     if own_pg: dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda" and world > 1: device = torch.device("cuda", local); torch.cuda.set_device(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     try: return _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds)
     finally:
@@ -230,7 +243,8 @@ def _barrier(world):
     if world > 1: dist.barrier()
 
 def _data(cfg: TrainConfig, paths: dict, train_ds, val_ds, pseudo_ds) -> tuple:
-    "The run's (train, val, pseudo-label) data sets: the given ones, else built from the config (SynthVOC generated if absent)."
+    """The run's (train, val, pseudo-label) data sets: the given ones, else built from the config (SynthVOC generated if
+    absent)."""
     if train_ds is not None: return train_ds, val_ds, pseudo_ds
     mean, std = norm_stats(build_model(cfg, 1).backbone) if cfg.pretrained or cfg.weights else (None, None)
     train_ds, full_ds, v_ds = build_datasets(cfg, paths, mean, std)
@@ -259,7 +273,8 @@ def _pseudo_metrics(cfg: TrainConfig, model: GetamSegmenter, pseudo_ds, out_dir:
                 pseudo_time_s=round(time.perf_counter() - t, 1))
 
 def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> dict:
-    paths = resolve_paths(cfg); out_dir = paths["out_dir"]
+    paths = resolve_paths(cfg)
+    out_dir = paths["out_dir"]
     if cfg.dataset == "synth" and train_ds is None and rank == 0: ensure_synthvoc(paths["root"])
     _barrier(world)
     seed_everything(cfg.seed)
@@ -272,20 +287,24 @@ def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> di
     run = _fit(cfg, model, train_ds, val_ds, out_dir, device, rank)
     _barrier(world)
     log, val_hist = run["log"], run["history"]
-    res = dict(model=model, log=log, out_dir=out_dir, stopped=run["stopped"], config=cfg, metrics=None, val_hist=val_hist)
+    res = dict(model=model, log=log, out_dir=out_dir, stopped=run["stopped"], config=cfg, metrics=None,
+               val_hist=val_hist)
     if run["stopped"] or rank != 0: return res
     show = cfg.progress
-    metrics = dict(dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, supervision=cfg.supervision, steps=run["step"],
-                   batch_size=cfg.batch_size, crop_size=cfg.crop_size, world_size=world, n_train=len(train_ds),
+    metrics = dict(dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, supervision=cfg.supervision,
+                   steps=run["step"], batch_size=cfg.batch_size, crop_size=cfg.crop_size, world_size=world,
+                   n_train=len(train_ds),
                    final_loss=log[-1]["loss"] if log else None, train_time_s=round(run["train_time_s"], 1))
     if pseudo_ds is not None and cfg.write_pseudo and cfg.supervision == "pseudo":
         metrics.update(_pseudo_metrics(cfg, model, pseudo_ds, out_dir, device, class_names))
     if val_ds is not None:
         t = time.perf_counter()
         cm = evaluate_segmenter(model, val_ds, device, cfg.limit_val, show)
-        metrics.update(val_miou=cm.miou(), val_iou=dict(zip(class_names, cm.iou().tolist())), n_val=min(len(val_ds), cfg.limit_val or len(val_ds)),
+        metrics.update(val_miou=cm.miou(), val_iou=dict(zip(class_names, cm.iou().tolist())),
+                       n_val=min(len(val_ds), cfg.limit_val or len(val_ds)),
                        eval_time_s=round(time.perf_counter() - t, 1))
-        if not val_hist or val_hist[-1]["step"] != run["step"]: val_hist.append(dict(epoch=cfg.epochs, step=run["step"], val_miou=metrics["val_miou"]))
+        if not val_hist or val_hist[-1]["step"] != run["step"]:
+            val_hist.append(dict(epoch=cfg.epochs, step=run["step"], val_miou=metrics["val_miou"]))
     metrics.update(wall_time_s=round(time.perf_counter() - t_start, 1), config=asdict(cfg))
     metrics = json.loads(json.dumps(metrics, default=str).replace("NaN", "null"))
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(metrics, indent=1))
@@ -301,7 +320,9 @@ def _numbers(log: list[dict], key: str) -> tuple[list[float], list[float]]:
     for row in log:
         try: v = float(row.get(key, ""))
         except (TypeError, ValueError): continue
-        if math.isfinite(v): steps.append(float(row["step"])); values.append(v)
+        if math.isfinite(v):
+            steps.append(float(row["step"]))
+            values.append(v)
     return steps, values
 
 def _running_mean(values: list[float], width: int) -> list[float]:
@@ -314,7 +335,8 @@ def _running_mean(values: list[float], width: int) -> list[float]:
     return means
 
 def plot_curves(log: list[dict], val_hist: list[dict] | None = None, path: str | Path | None = None):
-    "Loss components per step (smoothed) and validation mIoU per evaluation; saved to `path` if given. Returns the figure."
+    """Loss components per step (smoothed) and validation mIoU per evaluation; saved to `path` if given. Returns the
+    figure."""
     import matplotlib.pyplot as plt   # matplotlib alone: the core install draws the curves of every run
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
     if log:
@@ -324,10 +346,16 @@ def plot_curves(log: list[dict], val_hist: list[dict] | None = None, path: str |
             if steps: axs[0].plot(steps, _running_mean(values, width), label=loss)
         phase2 = [step for step, phase in zip(*_numbers(log, "phase")) if phase == 2]
         if phase2: axs[0].axvline(phase2[0], ls="--", c="grey", lw=1, label="segmentation on")
-        axs[0].set_xlabel("step"); axs[0].set_ylabel("loss"); axs[0].set_title("training losses"); axs[0].legend()
+        axs[0].set_xlabel("step")
+        axs[0].set_ylabel("loss")
+        axs[0].set_title("training losses")
+        axs[0].legend()
     steps, mious = _numbers(val_hist or [], "val_miou")
     if steps: axs[1].plot(steps, mious, marker="o")
-    axs[1].set_xlabel("step"); axs[1].set_ylabel("val mIoU"); axs[1].set_title("validation mIoU"); axs[1].set_ylim(0, 1)
+    axs[1].set_xlabel("step")
+    axs[1].set_ylabel("val mIoU")
+    axs[1].set_title("validation mIoU")
+    axs[1].set_ylim(0, 1)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -343,8 +371,9 @@ def field_docs() -> dict[str, str]:
 
 def arg_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (only options given on the command line are set)."
-    p = argparse.ArgumentParser(prog="python -m getam.train", description="GETAM single-stage training (also under torchrun). "
-                                "Options not given come from --preset (released | synth), else from the defaults shown.",
+    p = argparse.ArgumentParser(prog="python -m getam.train",
+                                description="GETAM single-stage training (also under torchrun). Options not given "
+                                            "come from --preset (released | synth), else from the defaults shown.",
                                 argument_default=argparse.SUPPRESS)
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):

@@ -26,15 +26,18 @@ __all__ = ['training_targets', 'class_token_saliency', 'step_losses', 'train_ste
 @torch.no_grad()
 def training_targets(maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
                      gamma: float = 32.0, alpha: float = 0.9, use_pamr: bool = True) -> torch.Tensor:
-    "maps: raw GETAM [B, C, h, w], images: normalised [B, 3, H, W], labels [B, C], saliency [B, H, W] → LongTensor [B, H, W]."
-    out = pseudo_labels(images.float(), maps.detach().float(), labels, saliency, refine=use_pamr, gamma=gamma, alpha=alpha)
+    """maps: raw GETAM [B, C, h, w], images: normalised [B, 3, H, W], labels [B, C], saliency [B, H, W]
+    → LongTensor [B, H, W]."""
+    out = pseudo_labels(images.float(), maps.detach().float(), labels, saliency,
+                        refine=use_pamr, gamma=gamma, alpha=alpha)
     out[(images == 0).all(1)] = IGNORE_INDEX
     return out
 
 # %% ../../nbs/53_step.ipynb #d92ea55d
 def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_prefix_tokens: int, image: torch.Tensor,
                          threshold: float = 0.3) -> torch.Tensor:
-    "Saliency `[B, H, W]` in {0, 1} without a detector: A_CLS (the [class] row, mean over heads and the recorded blocks) → `attention_saliency`."
+    """Saliency `[B, H, W]` in {0, 1} without a detector: A_CLS (the [class] row, mean over heads and the recorded
+    blocks) → `attention_saliency`."""
     a = torch.stack([class_row(t, num_prefix_tokens) for t in attn]).mean(0)
     return attention_saliency(a.view(-1, *grid), image, threshold)
 
@@ -46,9 +49,10 @@ def _saliency(batch: dict, rec, x: torch.Tensor, rule: LabelRule) -> torch.Tenso
 def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = LabelRule(), layers: list | None = None,
                 fusion: str = "sum", supervision: str = "pseudo", seg_loss: str = "ce", cls_weight: float = 1.0,
                 seg_weight: float = 1.0, saliency_weight: float = 0.0, autocast=None) -> dict[str, torch.Tensor]:
-    """Steps 1-4 of Sec. 4.3 on one batch: the losses, with `loss` the one to back-propagate (and `pseudo`, the targets).
-    Phase 1 is classification only; phase 2 adds the segmentation loss (`seg_loss`: its kind) on the pseudo labels that
-    `rule` makes from the GETAM maps (blocks `layers`, `fusion`) of the same forward (`supervision="gt"`: the masks)."""
+    """Steps 1-4 of Sec. 4.3 on one batch: the losses, with `loss` the one to back-propagate (and `pseudo`, the
+    targets). Phase 1 is classification only; phase 2 adds the segmentation loss (`seg_loss`: its kind) on the pseudo
+    labels that `rule` makes from the GETAM maps (blocks `layers`, `fusion`) of the same forward (`supervision="gt"`:
+    the masks)."""
     x, y = batch["image"], batch["label"]
     ac = autocast or torch.autocast(x.device.type, enabled=False)
     out = {}
@@ -85,9 +89,9 @@ def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = 
     return out
 
 def train_step(ctx: StepContext, batch: dict, cls_only_frac: float = 0.5, **settings) -> dict:
-    """One step of single-stage training, the step `getam.train.loop.fit` runs: steps 1-4 (`step_losses`, which takes the
-    keywords `settings`), then 5. one backward and 6. one optimiser step (`ctx.update`; in phase 1 the decoder did not
-    run and keeps no gradient). Phase 2 starts after the first `cls_only_frac` of the steps (`phase2_start`)."""
+    """One step of single-stage training, the step `getam.train.loop.fit` runs: steps 1-4 (`step_losses`, which takes
+    the keywords `settings`), then 5. one backward and 6. one optimiser step (`ctx.update`; in phase 1 the decoder did
+    not run and keeps no gradient). Phase 2 starts after the first `cls_only_frac` of the steps (`phase2_start`)."""
     phase = 2 if ctx.step >= phase2_start(ctx.total, cls_only_frac) else 1
     out = step_losses(ctx.net, batch, phase, autocast=ctx.autocast, **settings)
     frozen = ctx.model.decoder.parameters() if phase == 1 else ()
