@@ -1,5 +1,5 @@
-"""`python -m getam.repro.bench gpu` (getam.repro.gpucheck) without a GPU: the one-line skip, the JSON, the parts on a CPU, and the
-child pytest that runs the CUDA-marked tests."""
+"""`python -m getam.repro.bench gpu` (getam.repro.gpucheck) without a GPU: the one-line skip, the JSON, the parts on a
+CPU, and the child pytest that runs the CUDA-marked tests."""
 import json, os, textwrap
 
 import pytest

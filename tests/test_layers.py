@@ -1,7 +1,7 @@
 """The package is three rooms, each layered (README: "The notebooks, room by room"). The library (`getam/`) never
-imports training (`getam.train`) or reproduction (`getam.repro`); training never imports reproduction; inside the library
-a module imports only from its own layer or the layers below; every import of a getam module sits at module top; and the
-imports between getam's modules form no circle."""
+imports training (`getam.train`) or reproduction (`getam.repro`); training never imports reproduction; inside the
+library a module imports only from its own layer or the layers below; every import of a getam module sits at module
+top; and the imports between getam's modules form no circle."""
 import ast
 from pathlib import Path
 
@@ -27,7 +27,7 @@ def room(mod: str) -> str:
 
 
 def modules() -> list[str]:
-    "Dotted names under getam/: `cams`, `train.loop`, `repro.bench`; the packages' `__init__`/`__main__` as `train.__main__`."
+    "Dotted names under getam/: `cams`, `train.loop`, `repro.bench`; `__init__` and `__main__` too (`train.__main__`)."
     out = []
     for p in sorted(PKG.rglob("*.py")):
         rel = p.relative_to(PKG).with_suffix("")
@@ -116,6 +116,7 @@ def test_the_checker_sees_a_circle_an_upward_import_and_a_crossed_room(tmp_path,
     monkeypatch.setattr(__import__(__name__), "PKG", tmp_path)
     assert graph() == {"cams": {"config", "train.loop"}, "config": {"cams"}, "train.loop": {"utils"}, "utils": set()}
     with pytest.raises(AssertionError, match="import circle"): test_no_import_circles()
-    with pytest.raises(AssertionError, match="higher layers"): test_imports_respect_rooms_and_layers_and_sit_at_the_top("config")
-    with pytest.raises(AssertionError, match="later room"): test_imports_respect_rooms_and_layers_and_sit_at_the_top("cams")
-    test_imports_respect_rooms_and_layers_and_sit_at_the_top("train.loop")
+    check = test_imports_respect_rooms_and_layers_and_sit_at_the_top
+    with pytest.raises(AssertionError, match="higher layers"): check("config")
+    with pytest.raises(AssertionError, match="later room"): check("cams")
+    check("train.loop")

@@ -1,5 +1,5 @@
-"""getam.train.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load bit
-for bit; its seeds never meet the benchmark's."""
+"""getam.train.pretrain: pretraining on generated scenes lowers the loss, writes timm-format weights + record that load
+bit for bit; its seeds never meet the benchmark's."""
 import json
 from pathlib import Path
 
