@@ -112,8 +112,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_deeplab(model: DeepLabV2, path: str | Path, **state) -> Path:
     "Write `path` (a .safetensors file, or a folder → `model.safetensors`) and its `.json` config, atomically."
-    wpath, cpath = _paths(path)
-    return save_weights(wpath, model.state_dict(), {**model.config, **state})
+    return save_weights(_paths(path)[0], model.state_dict(), {**model.config, **state})
 
 def checkpoint_config(path: str | Path) -> dict:
     "The JSON config beside a checkpoint (empty dict when there is none)."
