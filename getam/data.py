@@ -24,8 +24,9 @@ from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
 __all__ = ['DATASETS', 'DENSE_FILL', 'VOCDataset', 'coco_class_mask', 'COCODataset', 'load_dataset', 'Compose',
-           'RandomLongSideResize', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop', 'Normalize',
-           'denormalize', 'train_transform', 'eval_transform', 'collate', 'voc_cls_labels', 'coco_masks', 'main']
+           'RandomLongSideResize', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop', 'normalize_image',
+           'Normalize', 'denormalize', 'train_transform', 'eval_transform', 'collate', 'voc_cls_labels', 'coco_masks',
+           'main']
 
 # %% ../nbs/10_data.ipynb #a43572cc
 def _missing(path: Path, expected: str, key: str | None) -> FileNotFoundError:
@@ -317,17 +318,21 @@ class CenterCrop:
     def __repr__(self): return f"CenterCrop({self.size})"
 
 # %% ../nbs/10_data.ipynb #a57b0010
+def normalize_image(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """`image: [..., 3, H, W]`, uint8 (divided by 255) or float in [0, 1] → float32 `(x - mean) / std` on the image's
+    device (ImageNet mean/std unless given; pass a model's `norm_stats`)."""
+    x = image.float() / 255 if image.dtype == torch.uint8 else image
+    m = torch.as_tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32, device=x.device)
+    s = torch.as_tensor(IMAGENET_STD if std is None else std, dtype=torch.float32, device=x.device)
+    return (x - m.reshape(-1, 1, 1)) / s.reshape(-1, 1, 1)
+
 class Normalize:
-    "uint8 image → float32 `(x/255 - mean) / std` (ImageNet mean/std unless given; pass a model's `norm_stats`)."
+    "The dataset transform of `normalize_image`: uint8 `image` → float32 `(x/255 - mean) / std`."
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         self.mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(IMAGENET_STD if std is None else std, dtype=torch.float32)[:, None, None]
     def __call__(self, item):
-        out = dict(item)
-        x = item["image"]
-        if x.dtype == torch.uint8: x = x.float() / 255
-        out["image"] = (x - self.mean) / self.std
-        return out
+        return dict(item, image=normalize_image(item["image"], self.mean, self.std))
     def __repr__(self): return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 def denormalize(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:

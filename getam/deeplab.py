@@ -12,10 +12,10 @@ from typing import Sequence
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbones import load_weights_file
-from .utils import atomic_path
+from .utils import save_weights
 
 
 # %% auto #0
@@ -112,11 +112,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_deeplab(model: DeepLabV2, path: str | Path, **state) -> Path:
     "Write `path` (a .safetensors file, or a folder → `model.safetensors`) and its `.json` config, atomically."
-    wpath, cpath = _paths(path)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(wpath) as t: save_file(sd, str(t))
-    with atomic_path(cpath) as t: t.write_text(json.dumps({**model.config, **state}, indent=1))
-    return wpath
+    return save_weights(_paths(path)[0], model.state_dict(), {**model.config, **state})
 
 def checkpoint_config(path: str | Path) -> dict:
     "The JSON config beside a checkpoint (empty dict when there is none)."

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cams import logits_of, resize_maps
-from .completion import pseudo_labels
+from .completion import activation_argmax, label_maps, pseudo_labels
 from .metrics import ConfusionMatrix
 
 # %% auto #0
-__all__ = ['SCORES', 'CurveResult', 'blur', 'pixel_ranks', 'trapezoid_auc', 'deletion_insertion', 'PairScores', 'class_regions',
-           'pointing_game', 'energy_pointing_game', 'update_pseudo_label_cm', 'pseudo_label_miou']
+__all__ = ['SCORES', 'LABEL_RULES', 'CurveResult', 'blur', 'pixel_ranks', 'trapezoid_auc', 'deletion_insertion', 'PairScores',
+           'class_regions', 'pointing_game', 'energy_pointing_game', 'update_pseudo_label_cm', 'argmax_labels',
+           'PseudoLabelScore', 'pseudo_label_miou']
 
 # %% ../nbs/25_faithfulness.ipynb #cd3bfe2c
 SCORES = ("sigmoid", "softmax", "logit")
@@ -152,12 +153,31 @@ def update_pseudo_label_cm(cm: ConfusionMatrix, images: torch.Tensor, maps: torc
     cm.update(pred, masks)
     return pred
 
-def pseudo_label_miou(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
-                      masks: torch.Tensor, num_classes: int, refine: bool = True, batch_size: int = 16,
-                      **kwargs) -> float:
-    "mIoU (%) of the pseudo labels of `maps` [N, C, h, w] against `masks` [N, H, W], `num_classes` foreground classes."
+def argmax_labels(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
+                  gamma: float = 32.0) -> torch.Tensor:
+    """Labels [B, H, W] from the maps alone: resized to `images`, max-normalised, argmax against the background
+    `(1 - max)^gamma` (no PAMR, no saliency)."""
+    return activation_argmax(label_maps(images, maps.detach().float(), labels, refine=False), labels, gamma)
+
+class PseudoLabelScore(NamedTuple):
+    "`miou` (%) and the per-class `iou` [num_classes + 1] (background first, nan where a union is empty)."
+    miou: float
+    iou: torch.Tensor
+
+LABEL_RULES = ("completed", "argmax")
+
+def pseudo_label_miou(images: torch.Tensor, maps: torch.Tensor | Callable, labels: torch.Tensor,
+                      saliency: torch.Tensor, masks: torch.Tensor, num_classes: int, refine: bool = True,
+                      batch_size: int = 16, rule: str = "completed", **kwargs) -> PseudoLabelScore:
+    """Score the labels of `maps` against `masks` [N, H, W] (`num_classes` foreground classes and background).
+    `maps`: raw maps [N, C, h, w], or a method `maps(images, labels)` called batch by batch. `rule="completed"`:
+    the pseudo labels of `update_pseudo_label_cm` (`kwargs` go there); `"argmax"`: the maps alone (`argmax_labels`)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"rule={rule!r}; expected 'completed' (the label rule) or 'argmax' (the maps alone)")
     cm = ConfusionMatrix(num_classes + 1)
     for i in range(0, len(images), batch_size):
         sl = slice(i, i + batch_size)
-        update_pseudo_label_cm(cm, images[sl], maps[sl], labels[sl], saliency[sl], masks[sl], refine, **kwargs)
-    return 100 * cm.miou()
+        m = maps[sl] if torch.is_tensor(maps) else maps(images[sl], labels[sl])
+        if rule == "argmax": cm.update(argmax_labels(images[sl], m, labels[sl], **kwargs), masks[sl])
+        else: update_pseudo_label_cm(cm, images[sl], m, labels[sl], saliency[sl], masks[sl], refine, **kwargs)
+    return PseudoLabelScore(100 * cm.miou(), cm.iou())

@@ -5,16 +5,17 @@ speak to people, and the packages outside the core install."""
 
 # %% ../nbs/01_utils.ipynb #e2b0af47
 from __future__ import annotations
-import importlib, os, random, sys, tempfile, time
+import hashlib, importlib, json, os, random, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'time_side_by_side', 'format_timings', 'MissingExtra',
+__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'save_weights', 'time_side_by_side', 'format_timings', 'MissingExtra',
            'require_extra', 'run_cli']
 
 # %% ../nbs/01_utils.ipynb #329a91e7
@@ -40,6 +41,19 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
+
+# %% ../nbs/01_utils.ipynb #7617979d
+def save_weights(path: str | Path, state_dict: dict, record: dict | None = None, sha256: bool = False) -> Path:
+    """Write `state_dict` (tensors detached, on the CPU, contiguous) as safetensors at `path` and `record` as indented
+    JSON at `path.with_suffix(".json")`, each atomically (`atomic_path`); `sha256` appends the weights file's
+    checksum to the record. Returns `path`."""
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as t: save_file(sd, str(t))
+    if sha256: record = {**(record or {}), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if record is not None:
+        with atomic_path(path.with_suffix(".json")) as t: t.write_text(json.dumps(record, indent=1))
+    return path
 
 # %% ../nbs/01_utils.ipynb #03ef612b
 def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:

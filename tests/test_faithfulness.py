@@ -163,10 +163,11 @@ def test_pseudo_label_miou_known_values():
     sal = (mask > 0).long()
     perfect = (mask == 1).float()[:, None].repeat(1, 2, 1, 1)
     perfect[:, 1] = 0
-    assert pseudo_label_miou(torch.zeros(1, 3, 8, 8), perfect, lab, sal, mask, 2, refine=False) == pytest.approx(100.)
+    score = pseudo_label_miou(torch.zeros(1, 3, 8, 8), perfect, lab, sal, mask, 2, refine=False)
+    assert score.miou == pytest.approx(100.)
     # saliency covering everything and a flat map: every pixel is predicted class 0 → bg IoU 0, class-0 IoU 1/2;
     # class 1 absent
     flat = torch.zeros(1, 2, 8, 8)
     flat[:, 0] = 1
-    got = pseudo_label_miou(torch.zeros(1, 3, 8, 8), flat, lab, torch.ones_like(mask), mask, 2, refine=False)
+    got = pseudo_label_miou(torch.zeros(1, 3, 8, 8), flat, lab, torch.ones_like(mask), mask, 2, refine=False).miou
     assert got == pytest.approx(100 * (0 + 0.5) / 2)

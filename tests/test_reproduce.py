@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from getam.faithfulness import pseudo_label_miou
 from getam.repro import experiments as E, reproduce as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +69,9 @@ def test_oracle_maps_score_100_and_uniform_maps_do_not():
     mask[0, :2] = 0
     x, lab, sal = torch.randn(1, 3, 16, 16), torch.tensor([[1., 1.]]), (mask > 0).long()
     oracle = lambda x, l: torch.stack([(mask == 1), (mask == 2)], 1).float()
-    assert E.pseudo_label_miou(oracle, x, lab, mask, sal, 2, refine=False)[0] == pytest.approx(100.0)
+    assert pseudo_label_miou(x, oracle, lab, sal, mask, 2, refine=False).miou == pytest.approx(100.0)
     flat = lambda x, l: torch.ones(1, 2, 4, 4)
-    assert E.pseudo_label_miou(flat, x, lab, mask, sal, 2, refine=False)[0] < 80
+    assert pseudo_label_miou(x, flat, lab, sal, mask, 2, refine=False).miou < 80
 
 
 @pytest.fixture

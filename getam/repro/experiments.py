@@ -9,25 +9,24 @@ and the helpers every figure and table uses (one label rule for all maps, saving
 from __future__ import annotations
 import dataclasses, functools, hashlib, json, shutil, time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..backbones import arch_overrides, create_backbone, find_weights
 from ..classes import norm_stats
 from ..train.classify import TensorItems, multilabel_f1, train_classifier
-from ..completion import activation_argmax, label_maps, pseudo_labels
+from ..completion import pseudo_labels
 from ..config import default_saliency_root, get_settings
 from ..data import LongSideResize, Normalize, load_dataset
-from ..metrics import ConfusionMatrix
 from ..train.multistage import train_deeplab
 from ..synth import ensure_synthvoc
 from ..train.singlestage import FINETUNE, PRESETS, TrainConfig, build_model, make_config, resolve_paths, train
-from ..utils import atomic_path, seed_everything
+from ..utils import atomic_path, save_weights, seed_everything
 from ..widgets import overlay
 
 
@@ -37,8 +36,7 @@ __all__ = ['SIZE', 'SYNTH_ARCH', 'CLASSIFIER_EPOCHS', 'CLASSIFIER_LR', 'SEEDS', 
            'vit_classifier', 'cnn_classifier', 'checkpoint_path', 'classifier', 'classifier_info', 'run_config_diff',
            'load_run', 'trained_run', 'run_name', 'main_run', 'reduced_run', 'synth_coco_root', 'coco_run',
            'oracle_run', 'backbone_overrides', 'backbone_run', 'trained_deeplab', 'deeplab_run', 'maps_to_labels',
-           'argmax_labels', 'pseudo_label_miou', 'markdown_table', 'save_table', 'save_figure', 'show_row',
-           'add_map_colorbar']
+           'table_value', 'markdown_table', 'save_table', 'save_figure', 'show_row', 'add_map_colorbar']
 
 # %% ../../nbs/91_experiments.ipynb #d58f4b95
 def runs_root(runs_dir: str | Path | None = None) -> Path:
@@ -142,9 +140,7 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
                 train_f1=round(multilabel_f1(model, tr["x"], tr["label"]), 4),
                 val_f1=round(multilabel_f1(model, va["x"], va["label"]), 4),
                 seconds=round(time.time() - t0, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as t: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(t))
-    with atomic_path(path.with_suffix(".json")) as t: t.write_text(json.dumps(info, indent=1))
+    save_weights(path, model.state_dict(), info)
     return model.eval()
 
 def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True,
@@ -349,37 +345,19 @@ def maps_to_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, sa
     `getam.completion.pseudo_labels` (`kw`: e.g. `alpha`, `gamma`)."""
     return pseudo_labels(x, maps.detach().float(), labels, saliency, refine=refine, **kw)
 
-def argmax_labels(x: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, gamma: float = 32.0) -> torch.Tensor:
-    """Labels [B, H, W] from the maps alone: resized, max-normalised, argmax against the background `(1 - max)^gamma`
-    (no PAMR, no saliency)."""
-    return activation_argmax(label_maps(x, maps.detach().float(), labels, refine=False), labels, gamma)
-
-def pseudo_label_miou(method, x, labels, masks, saliency, num_classes: int, batch_size: int = 16, refine: bool = True,
-                      rule: str = "completed", **kw) -> tuple[float, torch.Tensor]:
-    """mIoU (%) and per-class IoU of the labels of `method(x, labels) -> maps` (or of `method`, raw maps [N, C, h, w]
-    computed once) against the masks (background included): `rule="completed"`, the pseudo labels of `maps_to_labels`
-    (`kw` go there); `"argmax"`, the maps alone (`argmax_labels`)."""
-    if rule not in ("completed", "argmax"):
-        raise ValueError(f"rule={rule!r}; expected 'completed' (the label rule) or 'argmax' (the maps alone)")
-    cm = ConfusionMatrix(num_classes + 1)
-    for i in range(0, len(x), batch_size):
-        sl = slice(i, i + batch_size)
-        maps = method[sl] if torch.is_tensor(method) else method(x[sl], labels[sl])
-        pred = (maps_to_labels(x[sl], maps, labels[sl], saliency[sl], refine, **kw) if rule == "completed"
-                else argmax_labels(x[sl], maps, labels[sl], **kw))
-        cm.update(pred, masks[sl])
-    return 100 * cm.miou(), cm.iou()
-
 # %% ../../nbs/91_experiments.ipynb #d0d2edce
-def markdown_table(df) -> str:
-    "A pandas DataFrame as a GitHub Markdown table (no `tabulate` needed); floats with 1 decimal, NaN as '–'."
-    def fmt(v):
-        if isinstance(v, float): return "–" if np.isnan(v) else f"{v:.1f}"
-        return "–" if v is None else str(v)
-    cols = [str(c) for c in df.columns]
-    rows = [[fmt(v) for v in r] for r in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+def table_value(v) -> str:
+    "A table cell: floats with 1 decimal, NaN and None as '–'."
+    if isinstance(v, float): return "–" if np.isnan(v) else f"{v:.1f}"
+    return "–" if v is None else str(v)
+
+def markdown_table(table, fmt: Callable = table_value, columns: Sequence[str] | None = None) -> str:
+    """`table` as a GitHub Markdown table (no `tabulate` needed): a pandas DataFrame, or rows (dicts) read at
+    `columns`; `fmt` writes each cell (`table_value`)."""
+    if columns is None: columns, rows = [str(c) for c in table.columns], table.itertuples(index=False)
+    else: rows = [[r[c] for c in columns] for r in table]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]) + "\n"
 
 def save_table(df, out_dir: str | Path, name: str, caption: str = "") -> tuple[Path, Path]:
     "Write `{out_dir}/{name}.md` (caption + Markdown table) and `{name}.csv`."

@@ -20,7 +20,8 @@ from .. import cams
 from ..train.classify import multilabel_f1
 from ..backbones import create_backbone, load_weights_file
 from ..classes import NUM_SYNTH, norm_stats
-from .experiments import SYNTH_ARCH, load_split, stack_items
+from ..data import normalize_image
+from .experiments import SYNTH_ARCH, load_split, markdown_table, stack_items
 from ..faithfulness import deletion_insertion, energy_pointing_game, pointing_game, update_pseudo_label_cm
 from ..metrics import ConfusionMatrix
 from ..utils import atomic_path, run_cli
@@ -85,8 +86,7 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
     model.eval()
     how = f"weights {weights}" if weights else "the shipped getam.train.pretrain weights"
     val = stack_items(load_split("synth", "val", size, root), n_images)
-    mean, std = norm_stats(model)
-    val["x"] = (val["image"].float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    val["x"] = normalize_image(val["image"], *norm_stats(model))
     C = val["label"].shape[1]
     f1 = multilabel_f1(model, val["x"], val["label"])
     out = Path(out)
@@ -140,16 +140,15 @@ def write_table(rows: Sequence[dict], out: str | Path, name: str, caption: str =
     "Print the rows as a Markdown table and write `{out}/{name}.md` (caption + table) and `{name}.csv`."
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    table = markdown_table(rows, _fmt, COLUMNS)
     md, csv_path = out / f"{name}.md", out / f"{name}.csv"
-    with atomic_path(md) as t: t.write_text((caption + "\n\n" if caption else "") + "\n".join(lines) + "\n")
+    with atomic_path(md) as t: t.write_text((caption + "\n\n" if caption else "") + table)
     with atomic_path(csv_path) as t:
         with open(t, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)
             w.writeheader()
             w.writerows(rows)
-    print(caption + "\n\n" + "\n".join(lines))
+    print(caption + "\n\n" + table.rstrip("\n"))
     return md, csv_path
 
 # %% ../../nbs/95_explainers_bench.ipynb #d9e02fdc

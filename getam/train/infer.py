@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
 
 from ..classes import IMAGENET_MEAN, IMAGENET_STD
+from ..data import denormalize, normalize_image
 from ..crf import _crf_task, _import_crf, crf_params, dense_crf
 from ..images import PALETTE, write_palette_png
 from ..cams import getam_layers, resize_maps
@@ -78,11 +79,9 @@ def predict(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
 # %% ../../nbs/54_infer.ipynb #2dd6c0d8
 def _norm_and_raw(image: torch.Tensor, mean, std, device):
     "(normalised float [1,3,H,W] on device, uint8 [H,W,3] numpy for the CRF)"
-    m = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
     image = torch.as_tensor(image).to(device)
-    if image.dtype == torch.uint8: x, raw = (image.float() / 255 - m) / s, image
-    else: x, raw = image.float(), ((image.float() * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+    if image.dtype == torch.uint8: x, raw = normalize_image(image, mean, std), image
+    else: x, raw = image.float(), denormalize(image, mean, std)
     return x[None], raw.permute(1, 2, 0).cpu().numpy()
 
 def _save_pred(path: Path, pred: torch.Tensor, palette=None):

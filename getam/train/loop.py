@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from fastprogress.fastprogress import master_bar, progress_bar
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import collate
-from ..utils import atomic_path
+from ..utils import atomic_path, save_weights
 
 # %% auto #0
 __all__ = ['dist_info', 'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler', 'SeededItems', 'save_checkpoint',
@@ -122,8 +122,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, epoch: int
                     config: dict | None = None, scaler=None, extra: dict | None = None) -> Path:
     "Write `model.safetensors` and `state.pt` atomically into `out_dir`; returns the folder."
     out_dir = Path(out_dir)
-    sd = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as t: save_file(sd, str(t))
+    save_weights(out_dir / "model.safetensors", _unwrap(model).state_dict())
     state = dict(optimizer=optimizer.state_dict(), epoch=epoch, step=step, epoch_step=epoch_step, rng=_rng_state(),
                  config=json.dumps(config) if config else "{}", scaler=scaler.state_dict() if scaler else None,
                  extra=extra or {})

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from ..config import resolve_device, setting
-from ..data import load_dataset
+from ..data import load_dataset, normalize_image
 from ..deeplab import BACKBONES, DeepLabV2, save_deeplab
 from ..images import read_png
 from .infer import evaluate_model
@@ -64,7 +64,7 @@ class PseudoLabelDataset(Dataset):
         x = F.interpolate(img[None].float() / 255, size=(h, w), mode="bilinear", align_corners=False)[0]
         m = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         if self.flip and torch.rand(()) < 0.5: x, m = x.flip(-1), m.flip(-1)
-        x = (x - self.mean) / self.std
+        x = normalize_image(x, self.mean, self.std)
         c = self.crop_size
         Hp, Wp = max(h, c), max(w, c)
         xp = torch.zeros(3, Hp, Wp)

@@ -5,14 +5,13 @@ seeds are reserved for pretraining, image-level labels only; the weights ship wi
 
 # %% ../../nbs/58_pretrain.ipynb #c5febb5f
 from __future__ import annotations
-import argparse, hashlib, json, shlex, sys, time
+import argparse, json, shlex, sys, time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..backbones import ARCH_KEYS, arch_overrides, arch_suffix, create_backbone, resolve_name
@@ -23,7 +22,7 @@ from ..data import Compose, LongSideResize, Normalize, load_dataset
 from .loop import StepContext, fit
 from .schedules import warmup_cosine
 from ..synth import BENCHMARK_SEED_LIMIT, ensure_synthvoc, synth_sample
-from ..utils import atomic_path, run_cli, seed_everything
+from ..utils import run_cli, save_weights, seed_everything
 
 
 # %% auto #0
@@ -117,8 +116,6 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
               log_fields=("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s"))
     model.eval()
     weights = out_dir / f"{name}.safetensors"
-    with atomic_path(weights) as t:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(t))
     record = dict(file=weights.name, backbone=resolve_name(backbone), arch=arch, num_classes=NUM_SYNTH,
                   img_size=size, mean=list(mean), std=list(std),
                   corpus=dict(generator="getam.synth.synth_sample", split="pretrain", seed=seed,
@@ -127,10 +124,9 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
                   weight_decay=weight_decay, warmup=warmup, aux_weight=aux_weight, init=str(init) if init else None,
                   threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 1),
                   final_loss=run["log"][-1]["loss"] if run["log"] else None,
-                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size), 4), command=command,
-                  sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
-    with atomic_path(weights.with_suffix(".json")) as t: t.write_text(json.dumps(record, indent=1))
-    return record
+                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size), 4), command=command)
+    save_weights(weights, model.state_dict(), record, sha256=True)
+    return json.loads(weights.with_suffix(".json").read_text())
 
 
 # %% ../../nbs/58_pretrain.ipynb #424345ea
