@@ -14,9 +14,10 @@ from getam.explain import explain
 
 ```python
 __version__ = "0.2.0"
+# the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",
-         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]   # the public API: `from getam import *`
+         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]
 ```
 
 Modules:
@@ -45,6 +46,7 @@ from .explain import explain
 
 # %% ../nbs/index.ipynb #086647d6
 __version__ = "0.2.0"
+# the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",
-         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]   # the public API: `from getam import *`
+         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]
