@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import check_class_token_readout, create_backbone, record_attention, vit_of
-from .utils import format_timings, time_side_by_side
+from .backbones import check_class_token_readout, record_attention, vit_of
 
 # %% auto #0
 __all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'target_labels', 'rank_vjps', 'class_row', 'coupling', 'normalize_maps',
            'fuse_layers', 'rollout', 'block_couplings', 'fuse_rank', 'maps_from_attention', 'getam', 'GetamResult',
            'getam_layers', 'resize_maps', 'token_classifier', 'cam_ignore', 'cam_add', 'grad_cam', 'att_gradients',
-           'ts_cam', 'cnn_cam', 'benchmark']
+           'ts_cam', 'cnn_cam']
 
 # %% ../nbs/20_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
@@ -323,53 +322,3 @@ def cnn_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, relu: 
     cam = torch.einsum("cd,bdhw->bchw", fc.weight.float(), f)
     cam = F.relu(cam) if relu else cam
     return cam * (labels > 0).to(cam)[:, :, None, None]
-
-# %% ../nbs/20_cams.ipynb #fdf14f67
-def _released_recipe(model, images, labels, layers=None):
-    "The released code's way: one forward, one full backward per (image, class) with parameter gradients."
-    maps = None
-    with record_attention(model, layers) as rec:
-        logits = logits_of(model(images))
-        attn, p, grads = rec.attn, rec.num_prefix_tokens, {}
-        for i, a in enumerate(attn): a.register_hook(lambda g, i=i: grads.__setitem__(i, g))
-        maps = torch.zeros(*labels.shape, rec.grid[0] * rec.grid[1])
-        for b, c in torch.nonzero(labels > 0).tolist():
-            model.zero_grad()
-            logits[b, c].backward(retain_graph=True)
-            maps[b, c] = sum(coupling(a[b:b + 1], grads[i][b:b + 1], p)[0] for i, a in enumerate(attn))
-    model.zero_grad(set_to_none=True)
-    return maps.view(*labels.shape, *rec.grid)
-
-def _floor(model, images, labels, layers=None):
-    "One forward and max_b K_b attention-only VJPs, nothing else."
-    ranks = present_ranks(labels)
-    with record_attention(model, layers) as rec:
-        logits = model(images)
-        for k, (rows, cls) in enumerate(ranks):
-            cot = torch.zeros_like(logits)
-            cot[rows, cls] = 1
-            torch.autograd.grad(logits, rec.attn, cot, retain_graph=k < len(ranks) - 1)
-
-def benchmark(repeats: int = 5, name: str = "vit_small_patch16_224", size: int = 224,
-              ks: Sequence[int] = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0,
-              **model_kw) -> dict[str, float]:
-    "Time the released per-(image, class) recipe, `getam` and the VJP floor side by side; print a table and the ratios."
-    torch.manual_seed(seed)
-    model = create_backbone(name, num_classes=num_classes, img_size=size, **model_kw).eval()
-    images = torch.randn(len(ks), 3, size, size)
-    labels = torch.zeros(len(ks), num_classes)
-    for b, k in enumerate(ks): labels[b, torch.randperm(num_classes)[:k]] = 1
-    ref, ours = _released_recipe(model, images, labels), getam(model, images, labels)
-    err = ((ref - ours).norm() / ref.norm()).item()
-    print(f"{name} at {size}px, batch {len(ks)}, K per image {list(ks)} (sum {sum(ks)}, max {max(ks)}); "
-          f"relative difference of the maps (a) vs (b): {err:.1e}")
-    print("(a) released: 1 forward + one full backward per (image, class) | (b) getam | "
-          "(c) floor: 1 forward + max-K attention VJPs")
-    t = time_side_by_side({"(a) released": lambda: _released_recipe(model, images, labels),
-                           "(b) getam": lambda: getam(model, images, labels),
-                           "(c) floor": lambda: _floor(model, images, labels)}, repeats=repeats)
-    print(format_timings(t))
-    a, b, c = t.values()
-    print(f"speed-up of ours over the released recipe: {a / b:.2f}x (target >= 3); "
-          f"ours / floor: {b / c:.2f} (target <= 1.2)")
-    return t

@@ -13,7 +13,7 @@ import torch
 
 
 # %% auto #0
-__all__ = ['CRF_PARAMS', 'CRF_INSTALL', 'crf_params', 'dense_crf', 'crf_batch']
+__all__ = ['CRF_PARAMS', 'CRF_INSTALL', 'import_pydensecrf', 'crf_params', 'dense_crf', 'dense_crf_job', 'crf_batch']
 
 # %% ../nbs/23_crf.ipynb #792b2fbf
 CRF_PARAMS = {
@@ -23,12 +23,15 @@ CRF_PARAMS = {
 CRF_INSTALL = ("dense-CRF post-processing needs pydensecrf2 (module `pydensecrf`): `pip install pydensecrf2` "
                "(builds from source; needs a C++ compiler and Cython), or `pip install getam[crf]`")
 
-def _import_crf():
+def import_pydensecrf():
+    "pydensecrf's `densecrf` module and `unary_from_softmax`, or an ImportError that says how to install it."
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError as e: raise ImportError(CRF_INSTALL) from e
     return dcrf, unary_from_softmax
+
+_import_crf = import_pydensecrf   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def crf_params(crf: str | dict | None) -> dict | None:
     "Resolve a CRF setting name (`released`, `deeplab`), a dict of overrides of `released`, or None."
@@ -44,7 +47,7 @@ def crf_params(crf: str | dict | None) -> dict | None:
 def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
     """Refine `probs: [K, H, W]` (softmax probabilities) with a dense CRF on `image` (uint8 `[H, W, 3]` or
     `[3, H, W]`); returns float32 `[K, H, W]`."""
-    dcrf, unary_from_softmax = _import_crf()
+    dcrf, unary_from_softmax = import_pydensecrf()
     p = crf_params(params)
     image = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     probs = probs.float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
@@ -59,19 +62,22 @@ def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
     d.addPairwiseBilateral(sxy=p["bi_sxy"], srgb=p["bi_srgb"], rgbim=np.ascontiguousarray(image), compat=p["bi_compat"])
     return np.asarray(d.inference(p["iters"]), np.float32).reshape(K, H, W)
 
-def _crf_task(args):
-    image, probs, params = args
+def dense_crf_job(job: tuple) -> np.ndarray:
+    "`dense_crf` of one `(image, probs, params)` job: a module-level function, so that a process pool can send it."
+    image, probs, params = job
     return dense_crf(image, probs, params)
+
+_crf_task = dense_crf_job   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released",
               processes: int = 2) -> list[np.ndarray]:
     "`dense_crf` over many images, in `processes` worker processes (in this process when `processes <= 1`)."
-    _import_crf()
+    import_pydensecrf()
     jobs = [(np.asarray(i.cpu() if isinstance(i, torch.Tensor) else i),
              np.asarray(p.float().cpu() if isinstance(p, torch.Tensor) else p), params)
             for i, p in zip(images, probs)]
-    if processes <= 1 or len(jobs) <= 1: return [_crf_task(j) for j in jobs]
-    with ProcessPoolExecutor(min(processes, len(jobs))) as ex: return list(ex.map(_crf_task, jobs))
+    if processes <= 1 or len(jobs) <= 1: return [dense_crf_job(j) for j in jobs]
+    with ProcessPoolExecutor(min(processes, len(jobs))) as ex: return list(ex.map(dense_crf_job, jobs))
 
 # %% ../nbs/23_crf.ipynb #cb33570c
 def _edge_example(H: int = 16, W: int = 24, edge: int = 12, shift: int = 4, blur: float = 3.0):

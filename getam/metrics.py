@@ -20,7 +20,8 @@ from .utils import require_extra
 
 
 # %% auto #0
-__all__ = ['ConfusionMatrix', 'iou_table', 'plot_iou', 'metrics', 'summary_table', 'score_folder', 'score_pseudo_labels']
+__all__ = ['ConfusionMatrix', 'iou_table', 'plot_iou', 'class_names_of', 'metrics', 'summary_table', 'score_folder',
+           'score_pseudo_labels']
 
 # %% ../nbs/24_metrics.ipynb #694d6eba
 def _as_tensor(x, device=None) -> torch.Tensor:
@@ -148,9 +149,12 @@ def plot_iou(cm_or_table, class_names: Sequence[str] | None = None, ax=None, tit
     return ax
 
 # %% ../nbs/24_metrics.ipynb #720e0eea
-def _names_of(dataset) -> Sequence[str] | None:
+def class_names_of(dataset) -> list[str] | None:
+    "The `class_names` of `dataset` as a list, or None when it has none."
     names = getattr(dataset, "class_names", None)
     return list(names) if names is not None else None
+
+_names_of = class_names_of   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def metrics(cms: dict[str, ConfusionMatrix] | ConfusionMatrix) -> dict:
     "JSON-able summary: mIoU (%) and per-class IoU (%) of each confusion matrix."
@@ -196,7 +200,7 @@ def score_folder(pred_dir: str | Path, gt, num_classes: int | None = None, class
         raise FileNotFoundError(f"{pred_dir}: not found; expected a folder of predicted label PNGs, "
                                 f"one {{name}}.png per image")
     dataset = _MaskFolder(Path(gt), pred_dir) if isinstance(gt, (str, Path)) else gt
-    class_names = list(class_names) if class_names is not None else _names_of(dataset)
+    class_names = list(class_names) if class_names is not None else class_names_of(dataset)
     cm = ConfusionMatrix(num_classes or len(class_names), class_names, pred_ignore=pred_ignore)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in (progress_bar(range(n), leave=False) if progress else range(n)):
@@ -217,7 +221,7 @@ def score_pseudo_labels(label_fn: Callable[[dict], torch.Tensor], dataset, num_c
                         class_names: Sequence[str] | None = None, pred_ignore: str = "miss", limit: int | None = None,
                         device=None, progress: bool = True) -> ConfusionMatrix:
     "Score `label_fn(item) -> int [H, W]` (pseudo labels at the ground truth's resolution) on every item of `dataset`."
-    class_names = list(class_names) if class_names is not None else _names_of(dataset)
+    class_names = list(class_names) if class_names is not None else class_names_of(dataset)
     cm = ConfusionMatrix(num_classes or len(class_names), class_names, pred_ignore=pred_ignore, device=device)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in (progress_bar(range(n), leave=False) if progress else range(n)):

@@ -6,8 +6,9 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from getam.backbones import (ALIASES, TINY_KINDS, check_class_token_readout, create_backbone, default_layers, is_hybrid,
-                             load_weights_file, record_attention, resolve_layers, resolve_name, tiny_backbone, vit_of,
+from fixtures import TINY_KINDS, tiny_backbone
+from getam.backbones import (ALIASES, check_class_token_readout, create_backbone, default_layers, is_hybrid,
+                             load_weights_file, record_attention, resolve_layers, resolve_name, vit_of,
                              find_weights, weights_candidates)
 
 FAMILIES = ["vit", "deit_distilled", "vit_hybrid"]

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import getam.cams as cams
-from getam.backbones import create_backbone, tiny_backbone
+from fixtures import tiny_backbone
+from getam.backbones import create_backbone
+from getam.repro.reference import benchmark_cams
 from getam.cams import (att_gradients, cam_add, cam_ignore, cnn_cam, getam, getam_layers, grad_cam, maps_from_attention,
                         normalize_maps, present_ranks, resize_maps, target_labels, ts_cam)
 from getam.backbones import record_attention
@@ -326,7 +328,7 @@ def test_normalize_and_resize():
 
 
 def test_benchmark_smoke(capsys):
-    t = cams.benchmark(repeats=1, name="vit_tiny_patch16_224", size=32, ks=(2, 1), num_classes=3, depth=1)
+    t = benchmark_cams(repeats=1, name="vit_tiny_patch16_224", size=32, ks=(2, 1), num_classes=3, depth=1)
     assert list(t) == ["(a) released", "(b) getam", "(c) floor"]
     out = capsys.readouterr().out
     assert "relative difference of the maps (a) vs (b)" in out and "speed-up" in out

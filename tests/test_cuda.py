@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import record_qkv_dtypes, tiny_batch, tiny_config, tiny_model, toy_items
+from fixtures import record_qkv_dtypes, tiny_backbone, tiny_batch, tiny_config, tiny_model, toy_items
 import getam.train.step as step_module
-from getam.backbones import tiny_backbone
 from getam.cams import getam
 from getam.train.singlestage import train
 

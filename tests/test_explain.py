@@ -4,7 +4,7 @@ import pytest
 import numpy as np
 import torch
 
-from getam.backbones import tiny_backbone
+from fixtures import tiny_backbone
 from getam.cams import att_gradients, getam, normalize_maps, resize_maps
 from getam.explain import explain, overlay
 from getam.widgets import colorize

@@ -67,7 +67,7 @@ def naive_curve(model, image, m, c, mode, steps, baseline):
 @pytest.mark.parametrize("mode", ["deletion", "insertion"])
 def test_batched_curves_equal_naive_loop(mode):
     "A real (tiny) ViT, maps on the patch grid, several pairs per image, chunks that split pairs: = the per-pair loop."
-    from getam.backbones import tiny_backbone
+    from fixtures import tiny_backbone
     torch.manual_seed(0)
     model = tiny_backbone("vit").eval()
     x = torch.randn(3, 3, 16, 24)

@@ -36,16 +36,21 @@ def modules() -> list[str]:
     return out
 
 
-def _resolve(mod: str, node: ast.ImportFrom) -> list[str]:
-    "The getam modules an import names, as dotted names relative to getam (relative imports resolved from `mod`)."
+def _from(mod: str, node: ast.ImportFrom) -> list[str] | None:
+    "What `from X import ...` in `mod` imports from, as parts relative to getam (`[]`: getam itself); None: not getam."
     if node.level:
         package = mod.split(".")[:-1]
         base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
-        prefix = base + (node.module.split(".") if node.module else [])
-    elif node.module and (node.module == "getam" or node.module.startswith("getam.")):
-        prefix = node.module.split(".")[1:]
-    else:
-        return []
+        return base + (node.module.split(".") if node.module else [])
+    if node.module and (node.module == "getam" or node.module.startswith("getam.")):
+        return node.module.split(".")[1:]
+    return None
+
+
+def _resolve(mod: str, node: ast.ImportFrom) -> list[str]:
+    "The getam modules an import names, as dotted names relative to getam (relative imports resolved from `mod`)."
+    prefix = _from(mod, node)
+    if prefix is None: return []
     names = []
     for alias in node.names:        # `from getam.train import loop` names the module train.loop
         dotted = ".".join(prefix + [alias.name])
@@ -120,3 +125,69 @@ def test_the_checker_sees_a_circle_an_upward_import_and_a_crossed_room(tmp_path,
     with pytest.raises(AssertionError, match="higher layers"): check("config")
     with pytest.raises(AssertionError, match="later room"): check("cams")
     check("train.loop")
+
+
+# ---------------------------------------------------------------- no private name crosses a module
+# A `_name` is its module's own business: a module that needs it from another one makes it public there. The imports
+# below still do it; each waits for a notebook that was being edited elsewhere (the exporting notebook in brackets).
+PENDING_PRIVATE = {
+    ("completion", "pamr", "_pamr_numpy"):          # [22_completion] its NumPy twin and benchmark go to repro
+        "use getam.repro.reference.pamr_numpy from there, then drop pamr._pamr_numpy",
+    ("train.infer", "crf", "_crf_task"):            # [54_infer] the public name exists
+        "import getam.crf.dense_crf_job, then drop the alias",
+    ("train.infer", "crf", "_import_crf"):          # [54_infer] the public name exists
+        "import getam.crf.import_pydensecrf, then drop the alias",
+    ("train.infer", "metrics", "_names_of"):        # [54_infer] the public name exists
+        "import getam.metrics.class_names_of, then drop the alias",
+    ("train.infer", "train.loop", "_unwrap"):       # [52_loop, 54_infer]
+        "make train.loop._unwrap public",
+    ("train.step", "train.loop", "_unwrap"):        # [52_loop, 53_step]
+        "make train.loop._unwrap public",
+    ("train.singlestage", "train.loop", "_parse_value"):   # [52_loop, 55_singlestage]
+        "make train.loop._parse_value public (or move it to the config parsing it serves)",
+    ("repro.gpucheck", "train.loop", "_ddp"):       # [52_loop] gpucheck wraps a model exactly as the loop does
+        "make train.loop._ddp public",
+}
+
+
+def private_imports(mod: str) -> list[tuple[str, str, int]]:
+    "(getam module, `_name`, line) for every `from <another getam module> import _name` in `mod` (multi-line too)."
+    tree = ast.parse((PKG / (mod.replace(".", "/") + ".py")).read_text())
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or (prefix := _from(mod, node)) is None: continue
+        source = ".".join(prefix) or "__init__"
+        if source == mod: continue
+        private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+        out += [(source, name, node.lineno) for name in private]
+    return out
+
+
+@pytest.mark.parametrize("mod", modules())
+def test_no_private_name_crosses_a_module(mod):
+    crossing = [(f"{source}.{name}", line) for source, name, line in private_imports(mod)
+                if (mod, source, name) not in PENDING_PRIVATE]
+    assert not crossing, f"getam.{mod} imports private names of other modules (make them public there): {crossing}"
+
+
+def test_the_pending_private_imports_still_happen():
+    "An entry of PENDING_PRIVATE whose import is gone is done: drop it, so that the list says what is left."
+    found = {(mod, source, name) for mod in modules() for source, name, _ in private_imports(mod)}
+    assert not set(PENDING_PRIVATE) - found, f"done, drop from PENDING_PRIVATE: {sorted(set(PENDING_PRIVATE) - found)}"
+
+
+def test_the_private_name_check_can_fail(tmp_path, monkeypatch):
+    "A made-up package: a relative, an absolute and a multi-line import of private names are caught; its own are not."
+    (tmp_path / "train").mkdir()
+    (tmp_path / "cams.py").write_text("from .utils import _helper, public\nfrom .cams import _own\n"
+                                      "from getam import __doc__\n")
+    (tmp_path / "utils.py").write_text("def _helper(): pass\n")
+    (tmp_path / "train" / "loop.py").write_text("from getam.cams import (\n    getam,\n    _floor as floor,\n)\n")
+    monkeypatch.setattr(__import__(__name__), "PKG", tmp_path)
+    assert private_imports("cams") == [("utils", "_helper", 1)]
+    assert private_imports("train.loop") == [("cams", "_floor", 1)]
+    with pytest.raises(AssertionError, match=r"utils\._helper"): test_no_private_name_crosses_a_module("cams")
+    with pytest.raises(AssertionError, match=r"cams\._floor"): test_no_private_name_crosses_a_module("train.loop")
+    test_no_private_name_crosses_a_module("utils")
+    monkeypatch.setitem(PENDING_PRIVATE, ("train.loop", "cams", "_floor"), "a pending one passes")
+    test_no_private_name_crosses_a_module("train.loop")

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from getam.model import GetamSegmenter, DPTDecoder, Readout, default_hooks
-from getam.backbones import tiny_backbone, vit_of
+from fixtures import tiny_backbone
+from getam.backbones import vit_of
 from getam.cams import getam
 
 

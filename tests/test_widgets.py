@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from getam import cams, widgets
-from getam.backbones import tiny_backbone
+from fixtures import tiny_backbone
 from getam.data import load_dataset
 from getam.synth import make_synthvoc
 
@@ -273,7 +273,7 @@ def test_image_maps_every_family(kind):
     "LayerExplorer's maps on the other timm families: per-block GETAM sums to the fused map, which equals cams.getam."
     import torch
     from getam import cams, widgets
-    from getam.backbones import tiny_backbone
+    from fixtures import tiny_backbone
     torch.manual_seed(0)
     model = tiny_backbone(kind).eval()
     x = torch.randn(3, 32, 32)

@@ -10,10 +10,11 @@ import argparse, dataclasses
 import torch
 import torch.nn.functional as F
 
-from .. import cams, completion
-from . import explainers_bench, gpucheck
+from .. import completion
+from . import explainers_bench, gpucheck, reference
 from ..backbones import record_attention
-from ..cams import _released_recipe, maps_from_attention
+from ..cams import maps_from_attention
+from .reference import released_recipe
 from ..train.losses import seg_loss
 from ..train.step import step_losses, training_targets
 from ..train.singlestage import TrainConfig, build_model
@@ -66,7 +67,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
         loss.backward()
         opt.step()
     def released():
-        maps = _released_recipe(model, b["image"], b["label"])
+        maps = released_recipe(model, b["image"], b["label"])
         target = training_targets(maps, b["image"], b["label"], b["saliency"])
         cls, seg = model(b["image"], with_seg=True)
         loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, target)
@@ -88,7 +89,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
     return t
 
 # %% ../../nbs/93_bench.ipynb #78ac3c04
-BENCHMARKS = {"cams": cams.benchmark, "completion": completion.benchmark, "train": benchmark_train,
+BENCHMARKS = {"cams": reference.benchmark_cams, "completion": completion.benchmark, "train": benchmark_train,
               "explainers": explainers_bench.benchmark, "gpu": gpucheck.gpu_check}
 
 # %% ../../nbs/93_bench.ipynb #808e0c11

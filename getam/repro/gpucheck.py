@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..backbones import create_backbone, tiny_backbone
-from ..cams import _floor, _released_recipe, getam
+from ..backbones import create_backbone
+from ..cams import getam
 from ..train.loop import _ddp
 from ..model import GetamSegmenter
+from .reference import released_recipe, vjp_floor
 from ..train.step import step_losses
 from ..train.singlestage import build_model, build_optimizer, make_config
 from ..utils import atomic_path, format_timings, run_cli, time_side_by_side
@@ -95,12 +96,12 @@ def time_getam(device: torch.device | str = "cuda", repeats: int = 5, name: str 
     images = torch.randn(len(ks), 3, size, size, device=device)
     labels = torch.zeros(len(ks), num_classes, device=device)
     for b, k in enumerate(ks): labels[b, torch.randperm(num_classes)[:k]] = 1
-    released = _released_recipe(model, images, labels)
+    released = released_recipe(model, images, labels)
     ours = getam(model, images, labels).cpu()
     rel_diff = ((released.cpu() - ours).norm() / released.norm().clamp_min(1e-30)).item()
-    fns = {"(a) released": lambda: _released_recipe(model, images, labels),
+    fns = {"(a) released": lambda: released_recipe(model, images, labels),
            "(b) getam": lambda: getam(model, images, labels),
-           "(c) floor": lambda: _floor(model, images, labels)}
+           "(c) floor": lambda: vjp_floor(model, images, labels)}
     t = time_side_by_side({k: synced(f, device) for k, f in fns.items()}, repeats=repeats)
     print(f"{name} at {size}px on {device}, batch {len(ks)}, K per image {list(ks)}; "
           f"maps (a) vs (b) relative difference {rel_diff:.1e}")
@@ -171,8 +172,9 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
         dist.init_process_group(backend)
         try:
             torch.manual_seed(0)
-            model = GetamSegmenter(tiny_backbone(num_classes=3, img_size=32, depth=4), num_classes=3,
-                                   features=16).to(device)
+            vit = create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32,
+                                  depth=4, num_heads=2)
+            model = GetamSegmenter(vit, num_classes=3, features=16).to(device)
             net = _ddp(model, device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             g = torch.Generator().manual_seed(0)
