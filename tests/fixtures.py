@@ -55,36 +55,44 @@ def tiny_model(num_classes: int = 3, img_size: int = 32, **kw) -> GetamSegmenter
 def tiny_batch(b: int = 2, num_classes: int = 3, size: int = 32, seed: int = 0) -> dict:
     "A random normalised batch with labels, saliency and masks."
     g = torch.Generator().manual_seed(seed)
-    y = (torch.rand(b, num_classes, generator=g) > 0.5).float(); y[:, 0] = 1
+    y = (torch.rand(b, num_classes, generator=g) > 0.5).float()
+    y[:, 0] = 1
     return dict(image=torch.randn(b, 3, size, size, generator=g), label=y,
                 saliency=(torch.rand(b, size, size, generator=g) > 0.5).long(),
                 mask=torch.randint(0, num_classes + 1, (b, size, size), generator=g))
 
 def toy_items(n: int = 16, size: int = 32, num_classes: int = 3, seed: int = 0) -> list[dict]:
     "Normalised toy items: class c is a bright square in channel c%3; saliency marks the squares."
-    g = torch.Generator().manual_seed(seed); items = []
+    g = torch.Generator().manual_seed(seed)
+    items = []
     for i in range(n):
-        img = torch.randn(3, size, size, generator=g) * 0.1; mask = torch.zeros(size, size, dtype=torch.long)
+        img = torch.randn(3, size, size, generator=g) * 0.1
+        mask = torch.zeros(size, size, dtype=torch.long)
         label = torch.zeros(num_classes)
         for c in torch.randperm(num_classes, generator=g)[:1 + i % 2].tolist():
-            s = size // 4; y, x = torch.randint(0, size - s, (2,), generator=g).tolist()
-            img[c % 3, y:y + s, x:x + s] += 2.0 + c; mask[y:y + s, x:x + s] = c + 1; label[c] = 1
+            s = size // 4
+            y, x = torch.randint(0, size - s, (2,), generator=g).tolist()
+            img[c % 3, y:y + s, x:x + s] += 2.0 + c
+            mask[y:y + s, x:x + s] = c + 1
+            label[c] = 1
         items.append(dict(image=img, label=label, mask=mask, saliency=(mask > 0).long(), name=f"toy_{i:03d}"))
     return items
 
 def tiny_config(**kw) -> TrainConfig:
     "A config for the tiny model on toy data (tests): 2 epochs, batch 4, no bars, no plots."
-    base = dict(backbone="vit_tiny_patch16_224", patch_size=8, depth=4, features=16, epochs=2, batch_size=4, crop_size=32,
-                augment=False, progress=False, plots=False, lr=0.01, device="cpu", dropout=0.0)
+    base = dict(backbone="vit_tiny_patch16_224", patch_size=8, depth=4, features=16, epochs=2, batch_size=4,
+                crop_size=32, augment=False, progress=False, plots=False, lr=0.01, device="cpu", dropout=0.0)
     return make_config(**{**base, **kw})
 
 
 def record_qkv_dtypes(monkeypatch) -> list:
-    "Record the dtype of the first block's qkv projection in every training step (does AMP really change the arithmetic?)."
+    """Record the dtype of the first block's qkv projection in every training step (does AMP really change the
+    arithmetic?)."""
     import getam.train.step as step_module
     dtypes, real = [], step_module.step_losses
     def spy(model, batch, phase, **kw):
-        h = step_module._unwrap(model).backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        qkv = step_module._unwrap(model).backbone.blocks[0].attn.qkv
+        h = qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         try: return real(model, batch, phase, **kw)
         finally: h.remove()
     monkeypatch.setattr(step_module, "step_losses", spy)
