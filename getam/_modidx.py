@@ -321,6 +321,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'getam/repro/explainers_bench.py'),
                                               'getam.repro.explainers_bench._ours': ( 'explainers_bench.html#_ours',
                                                                                       'getam/repro/explainers_bench.py'),
+                                              'getam.repro.explainers_bench._parser': ( 'explainers_bench.html#_parser',
+                                                                                        'getam/repro/explainers_bench.py'),
                                               'getam.repro.explainers_bench._pytorch_grad_cam': ( 'explainers_bench.html#_pytorch_grad_cam',
                                                                                                   'getam/repro/explainers_bench.py'),
                                               'getam.repro.explainers_bench.benchmark': ( 'explainers_bench.html#benchmark',
