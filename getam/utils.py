@@ -100,7 +100,7 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
 def _option_type(name: str, hint, default) -> dict:
     "The `add_argument` keywords (type, nargs, action) of one parameter, from its type hint else its default."
     if hint is None: hint = type(default) if default is not None else str
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    given, args = hint, [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = args[0] if len(args) == 1 or all(a in (str, Path) for a in args) else None
     origin = typing.get_origin(hint) or hint
@@ -111,7 +111,7 @@ def _option_type(name: str, hint, default) -> dict:
     if hint is bool: return dict(action=argparse.BooleanOptionalAction)
     if hint is Path: return dict(type=str)
     if hint in (int, float, str): return dict(type=hint)
-    raise TypeError(f"{name}: no command-line type for {hint!r}; skip it (skip=) and add it by hand (extra=)")
+    raise TypeError(f"{name}: no command-line type for {given}; skip it (skip=) and add it by hand (extra=)")
 
 def _type_hints(fn: Callable) -> dict:
     "`fn`'s resolved annotations; an annotation that does not resolve counts as none."
