@@ -211,3 +211,23 @@ def _has_crf():
         return True
     except ImportError:
         return False
+
+
+# The outputs of `PseudoLabelDataset.augment` under one seed (recorded 2026-12-01, before any refactor of it):
+# sha256 prefixes of image and mask bytes, and the count of padded (255) mask pixels. Item 3 is padded.
+AUGMENT_RECORD = [("a81355fea4119f80", "d4d4067e81eb8d89", 0), ("13f2bd0a9d541930", "ee2343d9a1c98d3a", 0),
+                  ("3c87ca08417af13c", "f476982326d1a323", 0), ("683e2f5747f14ddb", "23c4dd5014f73e7a", 415),
+                  ("5004f7e0e742501a", "504bc44e43a40d90", 0), ("e557ce278dc1b9b6", "5cb8c3a8ef52a94e", 0)]
+
+
+def test_pseudo_label_augment_outputs_are_pinned(tmp_path):
+    import hashlib
+    digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    ds = PseudoLabelDataset([], tmp_path, crop_size=32, scale_range=(0.5, 1.5))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g)
+    mask = torch.randint(0, 21, (40, 56), generator=g)
+    torch.manual_seed(0)
+    outs = [ds.augment(img, mask, "a") for _ in AUGMENT_RECORD]
+    assert all(o["image"].shape == (3, 32, 32) and o["mask"].shape == (32, 32) for o in outs)
+    assert [(digest(o["image"]), digest(o["mask"]), int((o["mask"] == 255).sum())) for o in outs] == AUGMENT_RECORD

@@ -152,21 +152,17 @@ def write_table(rows: Sequence[dict], out: str | Path, name: str, caption: str =
     return md, csv_path
 
 # %% ../../nbs/95_explainers_bench.ipynb #d9e02fdc
+from ..utils import parser_from_signature
+
+def _parser() -> argparse.ArgumentParser:
+    "`benchmark`'s keywords as options."
+    return parser_from_signature(
+        benchmark, "python -m getam.repro.explainers_bench", "Explainers side by side on SynthVOC val.",
+        help=dict(weights="a state dict of the synth preset's ViT (default: the weights shipped with getam)",
+                  root="SynthVOC root (default: synth_root of settings.ini)", steps="deletion / insertion steps"))
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m getam.repro.explainers_bench",
-                                description="Explainers side by side on SynthVOC val.")
-    p.add_argument("--weights", default=None,
-                   help="a state dict of the synth preset's ViT (default: the weights shipped with getam)")
-    p.add_argument("--root", default=None, help="SynthVOC root (default: synth_root of settings.ini)")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--n-images", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="figures")
-    p.add_argument("--name", default="explainers")
-    a = p.parse_args(argv)
-    return benchmark(a.weights, a.root, a.size, a.n_images, a.batch_size, a.steps, a.out, a.name, a.threads)
+    return benchmark(**vars(_parser().parse_args(argv)))
 
 # %% ../../nbs/95_explainers_bench.ipynb #c7183991
 if __name__ == "__main__": run_cli(main)

@@ -24,7 +24,7 @@ from .infer import evaluate_model
 from .loop import StepContext, fit
 from .schedules import poly_lr
 from ..metrics import metrics
-from ..utils import atomic_path, run_cli, seed_everything
+from ..utils import atomic_path, parser_from_signature, run_cli, seed_everything
 
 
 # %% auto #0
@@ -140,43 +140,31 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
 
 
 # %% ../../nbs/56_multistage.ipynb #829fed4d
+_HELP = dict(
+    pseudo_dir="folder of pseudo-label PNGs, one {name}.png per training image (255 = ignore)",
+    dataset="voc | coco | synth (default: settings.ini `dataset`)", data_root="default: settings.ini `{dataset}_root`",
+    weights="local torchvision ResNet ImageNet weights (.pth/.safetensors); none downloaded",
+    head_mult="lr multiplier of the ASPP head (10 with ImageNet weights; 1 is stabler from scratch)",
+    scale_range="training random scale range", val_split="'' to skip the evaluation",
+    eval_scales="evaluation scales: common | released | single | '0.5 1 1.5'", crf="released | deeplab | none",
+    flip="evaluate on the flipped image too", out_dir="default: {runs_dir}/deeplab", processes="CRF worker processes",
+    max_steps="stop after this many optimiser steps", limit_train="the first N training images only",
+    eval_limit="the first N validation images only")
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m getam.train.multistage",
-        description="Train DeepLab v2 on a folder of pseudo labels (multi-stage route) and evaluate it")
-    p.add_argument("--pseudo-dir", required=True,
-                   help="folder of pseudo-label PNGs, one {name}.png per training image (255 = ignore)")
-    p.add_argument("--dataset", default=None, help="voc | coco | synth (default: settings.ini `dataset`)")
-    p.add_argument("--data-root", default=None, help="default: settings.ini `{dataset}_root`")
-    p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
-    p.add_argument("--weights", default=None,
-                   help="local torchvision ResNet ImageNet weights (.pth/.safetensors); none downloaded")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--crop-size", type=int, default=321)
-    p.add_argument("--lr", type=float, default=2.5e-4)
-    p.add_argument("--head-mult", type=float, default=10.0,
-                   help="lr multiplier of the ASPP head (10 with ImageNet weights; 1 is stabler from scratch)")
-    p.add_argument("--train-split", default="train_aug")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--scales", default="common", help="evaluation scales: common | released | single | '0.5 1 1.5'")
-    p.add_argument("--no-flip", dest="flip", action="store_false")
-    p.add_argument("--crf", default="released", help="released | deeplab | none")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default: {runs_dir}/deeplab")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--processes", type=int, default=2, help="CRF worker processes")
-    return p
+    "`train_deeplab`'s keywords as options; `--dataset` and `--out-dir` default to settings.ini."
+    return parser_from_signature(
+        train_deeplab, "python -m getam.train.multistage",
+        "Train DeepLab v2 on a folder of pseudo labels (multi-stage route) and evaluate it", help=_HELP,
+        rename=dict(eval_scales="scales"), defaults=dict(dataset=None, out_dir=None), choices=dict(backbone=BACKBONES))
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    a = _parser().parse_args(argv)
-    out = a.out_dir or str(Path(setting("runs_dir")) / "deeplab")
-    res = train_deeplab(a.pseudo_dir, a.dataset or setting("dataset"), a.data_root, a.backbone, a.weights, a.epochs,
-                        a.batch_size, a.crop_size, a.lr, head_mult=a.head_mult, train_split=a.train_split,
-                        val_split=a.val_split or None, eval_scales=a.scales,
-                        flip=a.flip, crf=None if a.crf == "none" else a.crf, device=a.device, seed=a.seed, out_dir=out,
-                        num_workers=a.num_workers, processes=a.processes)
+    a = vars(_parser().parse_args(argv))
+    a["dataset"] = a["dataset"] or setting("dataset")
+    a["out_dir"] = a["out_dir"] or str(Path(setting("runs_dir")) / "deeplab")
+    a["val_split"] = a["val_split"] or None
+    a["crf"] = None if a["crf"] == "none" else a["crf"]
+    res = train_deeplab(**a)
     for k, v in res.get("metrics", {}).items(): print(f"{k:>14}: mIoU {v['miou']:.2f}")
     return res
 

@@ -130,39 +130,29 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
 
 
 # %% ../../nbs/58_pretrain.ipynb #424345ea
+from ..utils import parser_from_signature
+
+_HELP = dict(backbone="timm name (or vit | vit_hybrid | deit | deit_distilled)",
+             warmup="linear warm-up steps, then cosine decay",
+             aux_weight="weight of the max-pooled patch-token loss (0: [class] token only)",
+             seed=f"corpus seed (at least {PRETRAIN_SEED})", init="continue from this weights file",
+             out_dir="where the weights and their record go (getam/weights: shipped)",
+             run_dir="checkpoints and log (default: {runs_dir}/pretrain/<name>)",
+             val_root="SynthVOC root of the val micro-F1 (default: settings.ini `synth_root`)")
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m getam.train.pretrain",
-                                description="Pretrain a timm backbone on generated scenes (image-level labels only)")
-    p.add_argument("--backbone", default="vit_tiny_patch16_224",
-                   help="timm name (or vit | vit_hybrid | deit | deit_distilled)")
-    for a in ARCH_KEYS:
-        p.add_argument("--" + a.replace("_", "-"), type=int, default=None, help="architecture override")
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
-    p.add_argument("--aux-weight", type=float, default=1.0,
-                   help="weight of the max-pooled patch-token loss (0: [class] token only)")
-    p.add_argument("--seed", type=int, default=PRETRAIN_SEED, help=f"corpus seed (at least {PRETRAIN_SEED})")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--init", default=None, help="continue from this weights file")
-    p.add_argument("--out-dir", default="runs/pretrain",
-                   help="where the weights and their record go (getam/weights: shipped)")
-    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: {runs_dir}/pretrain/<name>)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
+    "`pretrain`'s keywords as options, `arch` as its four `ARCH_KEYS` overrides; `command` is the command line itself."
+    arch = {"--" + k.replace("_", "-"): dict(type=int, default=None, help="architecture override") for k in ARCH_KEYS}
+    return parser_from_signature(pretrain, "python -m getam.train.pretrain",
+                                 "Pretrain a timm backbone on generated scenes (image-level labels only)",
+                                 help=_HELP, skip=("arch", "command"), extra=arch)
 
 def main(argv: list[str] | None = None) -> dict:
-    a = _parser().parse_args(argv)
+    a = vars(_parser().parse_args(argv))
     arch = arch_overrides(a)
+    for k in ARCH_KEYS: del a[k]
     cmd = "python -m getam.train.pretrain " + shlex.join(sys.argv[1:] if argv is None else argv)
-    rec = pretrain(a.backbone, arch, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.aux_weight, a.seed,
-                   a.size, a.out_dir, a.resume, a.threads, a.num_workers, a.init,
-                   progress=a.progress, command=cmd, run_dir=a.run_dir)
+    rec = pretrain(arch=arch, command=cmd, **a)
     print(json.dumps(rec, indent=1))
     return rec
 
