@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import getam.cams as cams
 from fixtures import tiny_backbone
 from getam.backbones import create_backbone
 from getam.repro.reference import benchmark_cams
