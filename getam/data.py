@@ -232,7 +232,7 @@ def load_dataset(name: str, root=None, split: str = "train", saliency_root=None,
                       saliency_key="synth_saliency_root",
                       what="SynthVOC (generate it with `python -m getam.synth --out ROOT`)", **kwargs)
 
-# %% ../nbs/10_data.ipynb #baf755b2
+# %% ../nbs/10_data.ipynb #ac401c02
 DENSE_FILL = {"mask": IGNORE_INDEX, "saliency": 0}
 
 def _dense_keys(item: dict): return [k for k in DENSE_FILL if k in item]
@@ -252,6 +252,7 @@ def _long_side_size(hw, long_side: int) -> tuple[int, int]:
     s = long_side / max(h, w)
     return max(1, round(h * s)), max(1, round(w * s))
 
+# %% ../nbs/10_data.ipynb #383eafc2
 class Compose:
     "Apply item transforms in order."
     def __init__(self, *tfms): self.tfms = [t for t in tfms if t is not None]
@@ -260,6 +261,7 @@ class Compose:
         return item
     def __repr__(self): return "Compose(" + ", ".join(map(repr, self.tfms)) + ")"
 
+# %% ../nbs/10_data.ipynb #ca2a35c3
 class RandomLongSideResize:
     "Resize so the long side is a random integer in `[lo, hi]` (the released code: 230–292 for 256 crops)."
     def __init__(self, lo: int, hi: int): self.lo, self.hi = lo, hi
@@ -268,12 +270,14 @@ class RandomLongSideResize:
         return _resize_item(item, _long_side_size(item["image"].shape[-2:], L))
     def __repr__(self): return f"RandomLongSideResize({self.lo}, {self.hi})"
 
+# %% ../nbs/10_data.ipynb #15ddc931
 class LongSideResize:
     "Evaluation counterpart: resize so the long side is `size`."
     def __init__(self, size: int): self.size = size
     def __call__(self, item): return _resize_item(item, _long_side_size(item["image"].shape[-2:], self.size))
     def __repr__(self): return f"LongSideResize({self.size})"
 
+# %% ../nbs/10_data.ipynb #3d84fb6a
 class RandomHFlip:
     "Flip image, mask and saliency left-right with probability `p`."
     def __init__(self, p: float = 0.5): self.p = p
@@ -284,6 +288,7 @@ class RandomHFlip:
         return out
     def __repr__(self): return f"RandomHFlip({self.p})"
 
+# %% ../nbs/10_data.ipynb #9b75e7ae
 def _place(item: dict, size: int, oy: int, ox: int, cy: int, cx: int, fill: float) -> dict:
     "Pad to at least `size` with the image at (oy, ox), then take the `size`×`size` window at (cy, cx)."
     out = dict(item)
@@ -307,6 +312,7 @@ class RandomCrop:
         return _place(item, s, r(s - h), r(s - w), r(h - s), r(w - s), self.fill)
     def __repr__(self): return f"RandomCrop({self.size})"
 
+# %% ../nbs/10_data.ipynb #9d87a9e8
 class CenterCrop:
     """Evaluation counterpart of `RandomCrop`: pad bottom/right (image `fill`, mask 255, saliency 0), then crop the
     centre."""
@@ -326,6 +332,7 @@ def normalize_image(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     s = torch.as_tensor(IMAGENET_STD if std is None else std, dtype=torch.float32, device=x.device)
     return (x - m.reshape(-1, 1, 1)) / s.reshape(-1, 1, 1)
 
+# %% ../nbs/10_data.ipynb #d8eee729
 class Normalize:
     "The dataset transform of `normalize_image`: uint8 `image` → float32 `(x/255 - mean) / std`."
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
@@ -335,13 +342,14 @@ class Normalize:
         return dict(item, image=normalize_image(item["image"], self.mean, self.std))
     def __repr__(self): return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
+# %% ../nbs/10_data.ipynb #dc0208eb
 def denormalize(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     "Undo `Normalize`: float `[..., 3, H, W]` → uint8, for display."
     m = torch.tensor(IMAGENET_MEAN if mean is None else mean)[:, None, None]
     s = torch.tensor(IMAGENET_STD if std is None else std)[:, None, None]
     return ((image.float().cpu() * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
 
-# %% ../nbs/10_data.ipynb #ae0f4fa7
+# %% ../nbs/10_data.ipynb #00080dad
 def train_transform(crop_size: int = 128, resize_range: tuple[int, int] | None = None, flip: bool = True,
                     mean=None, std=None) -> Compose:
     "Random long-side resize, horizontal flip, normalisation and a `crop_size` random crop with padding."
@@ -349,11 +357,13 @@ def train_transform(crop_size: int = 128, resize_range: tuple[int, int] | None =
     return Compose(RandomLongSideResize(lo, hi), RandomHFlip() if flip else None, Normalize(mean, std),
                    RandomCrop(crop_size))
 
+# %% ../nbs/10_data.ipynb #13d9a38e
 def eval_transform(size: int | None = None, crop_size: int | None = None, mean=None, std=None) -> Compose:
     "Optional long-side resize to `size`, normalisation, optional centre crop/pad to `crop_size`."
     return Compose(LongSideResize(size) if size else None, Normalize(mean, std),
                    CenterCrop(crop_size) if crop_size else None)
 
+# %% ../nbs/10_data.ipynb #840c741c
 def collate(items: list[dict]) -> dict:
     "Stack a list of items into a batch dict (`name` becomes a list); tells which key differs in size."
     for k in items[0]:

@@ -16,9 +16,10 @@ from .data import denormalize
 # %% auto #0
 __all__ = ['METHODS', 'Explanation', 'explain', 'overlay', 'show']
 
-# %% ../nbs/40_explain.ipynb #725782ac
+# %% ../nbs/40_explain.ipynb #451011f6
 METHODS: dict[str, Callable] = {"getam": cams.getam, "att_gradients": cams.att_gradients, "grad_cam": cams.grad_cam}
 
+# %% ../nbs/40_explain.ipynb #f9b60c2c
 class Explanation(NamedTuple):
     "What `explain` returns; all tensors on the images' device."
     maps: torch.Tensor      # [B, C, H, W] float32 in [0, 1] (each map / its max), zeros for classes not explained
@@ -27,6 +28,7 @@ class Explanation(NamedTuple):
     scores: torch.Tensor    # [B, C] the model's sigmoid (multi-label) or softmax probabilities
     classes: list           # per image, the explained class indices, best score first
 
+# %% ../nbs/40_explain.ipynb #93c930be
 def explain(model: nn.Module, images: torch.Tensor, labels=None, method: str | Callable = "getam", top_k: int = 1,
             size: tuple[int, int] | None = None, multilabel: bool = True, **kwargs) -> Explanation:
     """Maps of `method` for `labels` (multi-hot, class indices, or None → the `top_k` best-scoring classes) of
@@ -44,7 +46,7 @@ def explain(model: nn.Module, images: torch.Tensor, labels=None, method: str | C
     classes = [[c for c in scores[b].argsort(descending=True).tolist() if labels[b, c] > 0] for b in range(len(images))]
     return Explanation(maps, raw, labels, scores, classes)
 
-# %% ../nbs/40_explain.ipynb #e2be3a8a
+# %% ../nbs/40_explain.ipynb #ee9474f0
 def overlay(image: torch.Tensor, m: torch.Tensor, opacity: float = 0.5, cmap: str = "jet",
             mean=None, std=None) -> torch.Tensor:
     """`getam.widgets.overlay` for torch: map `m` [h, w] (max-normalised, resized bilinearly) over `image`
@@ -53,6 +55,7 @@ def overlay(image: torch.Tensor, m: torch.Tensor, opacity: float = 0.5, cmap: st
     rgb = widgets.overlay(img.cpu().permute(1, 2, 0).numpy(), m.detach().float().cpu().numpy(), opacity, cmap)
     return torch.from_numpy(rgb)
 
+# %% ../nbs/40_explain.ipynb #02bc0ebc
 def show(exp: Explanation, images: torch.Tensor, class_names: Sequence[str] | None = None, opacity: float = 0.5,
          cmap: str = "jet", mean=None, std=None, size: float = 2.2):
     "A matplotlib figure: one row per image, one panel per explained class (image + map, name and score)."

@@ -34,7 +34,7 @@ def color_map(n: int = 256) -> np.ndarray:
 PALETTE = color_map(256)
 VOC_PALETTE, COCO_PALETTE = PALETTE, PALETTE  # 21 and 81 classes use the first entries; 255 is the ignore colour
 
-# %% ../nbs/03_images.ipynb #63c25f66
+# %% ../nbs/03_images.ipynb #d80d00aa
 def _open(path: Path):
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
@@ -54,11 +54,13 @@ def read_png(path: str | Path) -> np.ndarray:
     if im.mode in ("I", "I;16", "1"): return np.asarray(im).astype(np.uint8)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
+# %% ../nbs/03_images.ipynb #8dd469c8
 def read_image(path: str | Path) -> torch.Tensor:
     "An RGB image as a uint8 tensor `[3, H, W]`; a corrupt file raises an error naming it."
     im = _open(path)
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
+# %% ../nbs/03_images.ipynb #56340000
 def write_palette_png(path: str | Path, mask, palette: np.ndarray = PALETTE) -> Path:
     "Write class indices `[H, W]` (0..255) as a palette PNG (VOC's `SegmentationClass` format), atomically."
     m = np.asarray(mask)
@@ -72,6 +74,7 @@ def write_palette_png(path: str | Path, mask, palette: np.ndarray = PALETTE) -> 
     with atomic_path(path) as t: im.save(t, format="PNG")
     return Path(path)
 
+# %% ../nbs/03_images.ipynb #8439d64f
 def write_png(path: str | Path, array) -> Path:
     """Write a uint8 `[H, W]` (single channel, e.g. `SegmentationClassAug`, saliency) or `[H, W, 3]` array as PNG,
     atomically."""
@@ -80,6 +83,7 @@ def write_png(path: str | Path, array) -> Path:
     with atomic_path(path) as t: Image.fromarray(a).save(t, format="PNG")
     return Path(path)
 
+# %% ../nbs/03_images.ipynb #bff52ef5
 def write_jpeg(path: str | Path, image, quality: int = 90, subsampling: int = 2) -> Path:
     """Write a uint8 `[H, W, 3]` array (or `[3, H, W]` tensor) as JPEG, atomically (`subsampling=0`:
     full-resolution colour)."""

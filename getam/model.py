@@ -40,13 +40,14 @@ class Readout(nn.Module):
         if self.mode == "add": return x + cls
         return self.proj(torch.cat([x, cls], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-# %% ../nbs/30_model.ipynb #101a4878
+# %% ../nbs/30_model.ipynb #e476d981
 def resample(channels: int, factor: float) -> nn.Module:
     "×`factor` spatial resampling: transposed conv to upsample, identity, or a strided 3×3 conv to downsample."
     if factor > 1: return nn.ConvTranspose2d(channels, channels, int(factor), stride=int(factor))
     if factor == 1: return nn.Identity()
     return nn.Conv2d(channels, channels, 3, stride=int(round(1 / factor)), padding=1)
 
+# %% ../nbs/30_model.ipynb #45e57a29
 class Reassemble(nn.Module):
     "1×1 conv to `mid` channels, resample by `factor`, 3×3 conv to the decoder width."
     def __init__(self, in_ch: int, mid: int, features: int, factor: float):
@@ -56,7 +57,7 @@ class Reassemble(nn.Module):
 
     def forward(self, x): return self.out(self.resample(self.proj(x)))
 
-# %% ../nbs/30_model.ipynb #d1dcc0d6
+# %% ../nbs/30_model.ipynb #76ce88e9
 class ResidualConvUnit(nn.Module):
     "ReLU–conv3×3–BN–ReLU–conv3×3–BN plus the input."
     def __init__(self, features: int):
@@ -67,6 +68,7 @@ class ResidualConvUnit(nn.Module):
 
     def forward(self, x): return x + self.body(x)
 
+# %% ../nbs/30_model.ipynb #07c90101
 class FusionBlock(nn.Module):
     "Fuse this level's feature with the (resized) coarser path, refine, project."
     def __init__(self, features: int):

@@ -25,7 +25,7 @@ from ..utils import seed_everything
 __all__ = ['TensorItems', 'classify_step', 'train_classifier', 'multilabel_f1', 'TinyCAMNet', 'train_cam_classifier',
            'cam_part_coverage']
 
-# %% ../../nbs/57_classify.ipynb #33765e4a
+# %% ../../nbs/57_classify.ipynb #a20a3784
 class TensorItems(Dataset):
     """Items `dict(image=x[i], label=labels[i])` of in-memory tensors,
     horizontally flipped with probability `flip` (global torch RNG)."""
@@ -37,11 +37,13 @@ class TensorItems(Dataset):
         if self.flip and torch.rand(()) < self.flip: x = x.flip(-1)
         return dict(image=x, label=self.labels[i])
 
+# %% ../../nbs/57_classify.ipynb #13fd0375
 def classify_step(ctx: StepContext, batch: dict) -> dict:
     "One multi-label classification step (image-level labels only): soft-margin loss, one backward, one optimiser step."
     with ctx.autocast: logits = ctx.net(batch["image"])
     return ctx.update(dict(loss=F.multilabel_soft_margin_loss(logits.float(), batch["label"])))
 
+# %% ../../nbs/57_classify.ipynb #b7cb61a8
 def train_classifier(model: nn.Module, data: Dataset, epochs: int = 10, batch_size: int = 32, lr: float = 1e-3,
                      weight_decay: float = 0.05, seed: int = 0, max_steps: int | None = None, out_dir=None,
                      resume: bool = False, device="cpu", amp: str = "none", progress: bool = True, **fit_kw) -> dict:
@@ -60,6 +62,7 @@ def train_classifier(model: nn.Module, data: Dataset, epochs: int = 10, batch_si
     model.eval()
     return run
 
+# %% ../../nbs/57_classify.ipynb #81af2c3d
 @torch.no_grad()
 def multilabel_f1(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
     "Micro F1 of `logit > 0` against the multi-hot labels."
@@ -68,8 +71,7 @@ def multilabel_f1(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch
     tp = (pred & (labels > 0)).sum().item()
     return 2 * tp / max(1, pred.sum().item() + (labels > 0).sum().item())
 
-
-# %% ../../nbs/57_classify.ipynb #7a03754e
+# %% ../../nbs/57_classify.ipynb #c0f75151
 def _block(i: int, o: int, k: int = 3, s: int = 1) -> nn.Module:
     return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU())
 
@@ -82,6 +84,7 @@ class TinyCAMNet(nn.Module):
     def cam(self, x: torch.Tensor) -> torch.Tensor: return self.fc(self.features(x))       # [B, C, H/8, W/8]
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.cam(x).amax((2, 3))    # [B, C]
 
+# %% ../../nbs/57_classify.ipynb #8039f884
 def _tensors(seed: int, split: str, n: int, size: int):
     ss = [synth_sample(seed, split, i, size) for i in range(n)]
     x = Normalize()(dict(image=torch.from_numpy(np.stack([s["image"] for s in ss])).permute(0, 3, 1, 2)))["image"]
@@ -102,6 +105,7 @@ def train_cam_classifier(seed: int = 0, n_train: int = 768, steps: int = 400, ba
         return net.eval()
     finally: torch.set_num_threads(old)
 
+# %% ../../nbs/57_classify.ipynb #8c4ded82
 @torch.no_grad()
 def cam_part_coverage(net: TinyCAMNet, seed: int = 0, n_val: int = 200, thresholds=(0.3, 0.5), size: int = 128) -> dict:
     """Exact-match / per-class accuracy on `n_val` validation scenes and, per threshold,
@@ -127,4 +131,3 @@ def cam_part_coverage(net: TinyCAMNet, seed: int = 0, n_val: int = 200, threshol
                 class_accuracy=float((pred == y.bool()).float().mean()),
                 coverage={t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in cov.items()},
                 cams=cams, samples=ss)
-

@@ -140,13 +140,14 @@ def evaluate_model(model_fn: Callable, dataset,
         if ex is not None: ex.shutdown(cancel_futures=True)
     return cms
 
-# %% ../../nbs/54_infer.ipynb #5a08d65b
+# %% ../../nbs/54_infer.ipynb #16643a83
 def voc_results_dir(out: str | Path, comp: str = "comp6") -> Path:
     "`out/results/VOC2012/Segmentation/{comp}_test_cls` (the VOC server's layout; tar `results/` and upload)."
     if comp not in ("comp5", "comp6"):
         raise ValueError(f"comp={comp!r}: expected 'comp5' (VOC data only) or 'comp6' (outside data)")
     return Path(out) / "results" / "VOC2012" / "Segmentation" / f"{comp}_test_cls"
 
+# %% ../../nbs/54_infer.ipynb #9047485e
 def export_voc_test(model_fn: Callable, dataset, out: str | Path, comp: str = "comp6", **kwargs) -> Path:
     """Predict every item of `dataset` (VOC `test` split) with `evaluate_model` and write the server's folder
     of palette PNGs."""
@@ -155,7 +156,7 @@ def export_voc_test(model_fn: Callable, dataset, out: str | Path, comp: str = "c
     evaluate_model(model_fn, dataset, save_dir=d, **kwargs)
     return d
 
-# %% ../../nbs/54_infer.ipynb #9dcef2d5
+# %% ../../nbs/54_infer.ipynb #b4a41079
 def _pad_to(x: torch.Tensor, m: int) -> torch.Tensor:
     H, W = x.shape[-2:]
     return F.pad(x, (0, (-W) % m, 0, (-H) % m))
@@ -169,11 +170,13 @@ def segmenter_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return m.forward_both(_pad_to(x, int(m.stride)))[1][..., :H, :W]
     return model_fn
 
+# %% ../../nbs/54_infer.ipynb #5e38cb6a
 @torch.no_grad()
 def segment(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     "image: normalised [B, 3, H, W] → segmentation labels [B, H, W] (argmax of the decoder, single scale)."
     return predict(segmenter_fn(model), image).argmax(1)
 
+# %% ../../nbs/54_infer.ipynb #a9a22cf4
 def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = None,
                        progress: bool = False) -> ConfusionMatrix:
     "Validation confusion matrix of a two-branch model's single-scale predictions on `ds` (items need `mask`)."
@@ -187,8 +190,7 @@ def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = N
     m.train(was)
     return cms["single_scale"]
 
-
-# %% ../../nbs/54_infer.ipynb #f8ca13ef
+# %% ../../nbs/54_infer.ipynb #3acd2742
 def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tensor, saliency: torch.Tensor | None = None,
                        rule: LabelRule = LabelRule(), layers: list | None = None, fusion: str = "sum") -> torch.Tensor:
     """Full-resolution pseudo labels of one batch from a trained model: `image: [B, 3, H, W]` → `[B, H, W]`, the GETAM
@@ -206,6 +208,7 @@ def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tenso
         saliency = attention_saliency(a_cls, image, rule.attention_threshold)
     return training_targets(maps, image, label, saliency, rule.gamma, rule.alpha, rule.use_pamr)
 
+# %% ../../nbs/54_infer.ipynb #b07ff494
 def pseudo_label_dataset(model: nn.Module, ds, out_dir: str | Path | None = None, rule: LabelRule = LabelRule(),
                          layers: list | None = None, fusion: str = "sum", device="cpu", limit: int | None = None,
                          progress: bool = False) -> ConfusionMatrix:

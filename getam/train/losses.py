@@ -16,7 +16,7 @@ from ..classes import IGNORE_INDEX
 # %% auto #0
 __all__ = ['masked_mean', 'seg_loss', 'saliency_loss']
 
-# %% ../../nbs/51_losses.ipynb #e18934e2
+# %% ../../nbs/51_losses.ipynb #df2bf90c
 def _global_count(n: torch.Tensor) -> torch.Tensor:
     "Sum of a (detached) count over DDP ranks, times... nothing: callers multiply by world size."
     n = n.detach().float()
@@ -30,6 +30,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     global mean."""
     return (values * mask).sum() * _world() / _global_count(mask.sum())
 
+# %% ../../nbs/51_losses.ipynb #4fb5f21e
 def seg_loss(seg: torch.Tensor, target: torch.Tensor, kind: str = "ce") -> torch.Tensor:
     """seg: [B, C+1, H, W] logits, target: [B, H, W] (255 ignored) → cross-entropy (`ce`) or background +
     foreground (`split`)."""
@@ -38,6 +39,7 @@ def seg_loss(seg: torch.Tensor, target: torch.Tensor, kind: str = "ce") -> torch
     if kind == "ce": return masked_mean(ce, valid)
     return masked_mean(ce, valid & (target == 0)) + masked_mean(ce, valid & (target > 0))
 
+# %% ../../nbs/51_losses.ipynb #017bdee6
 def saliency_loss(seg: torch.Tensor, saliency: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     "BCE between the background probability and `1 − saliency` (the corrected released loss)."
     p_bg = seg.float().softmax(1)[:, 0].clamp(1e-6, 1 - 1e-6)

@@ -120,7 +120,7 @@ class TrainConfig:
         return dict(lr=self.lr, poly_power=self.poly_power, warmup_steps=self.warmup_steps,
                     phase2_lr_scale=self.phase2_lr_scale, cls_only_frac=self.cls_only_frac)
 
-# %% ../../nbs/55_singlestage.ipynb #b259faec
+# %% ../../nbs/55_singlestage.ipynb #2ecc168d
 CHOICES = dict(dataset=DATASETS, saliency=SALIENCY_SOURCES, supervision=("pseudo", "gt"), cls_head=("token", "pooled"),
                optimizer=("sgd", "adamw"), seg_loss=("ce", "split"), fusion=("sum", "product", "matmul"),
                amp=("none", "bf16", "fp16"), preset=(None, "released", "synth"))
@@ -155,6 +155,7 @@ def make_config(preset: str | None = None, **kw) -> TrainConfig:
     check_config(cfg)
     return cfg
 
+# %% ../../nbs/55_singlestage.ipynb #6829acc1
 def check_config(cfg: TrainConfig) -> TrainConfig:
     "Raise `ValueError` naming the parameter, its value and the valid values."
     for k, valid in CHOICES.items():
@@ -174,7 +175,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     resolve_name(cfg.backbone)  # raises with the valid names
     return cfg
 
-# %% ../../nbs/55_singlestage.ipynb #82147784
+# %% ../../nbs/55_singlestage.ipynb #f83e1007
 def resolve_paths(cfg: TrainConfig) -> dict:
     "Data root, saliency root, splits and output folder of a run."
     s = get_settings()
@@ -188,6 +189,7 @@ def resolve_paths(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(s["runs_dir"]) / name
     return dict(root=root, saliency_root=sal, train_split=train_split, val_split=val_split, out_dir=out)
 
+# %% ../../nbs/55_singlestage.ipynb #bf9e664b
 def build_model(cfg: TrainConfig, num_classes: int) -> GetamSegmenter:
     """The two-branch model of a config (backbone from getam.backbones, with the config's architecture overrides,
     `getam.backbones.ARCH_KEYS`)."""
@@ -197,6 +199,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> GetamSegmenter:
                           cls_head=cfg.cls_head, pretrained=cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
                           head_stride=cfg.head_stride, **kw)
 
+# %% ../../nbs/55_singlestage.ipynb #f1d32aae
 def build_optimizer(model: GetamSegmenter, cfg: TrainConfig) -> torch.optim.Optimizer:
     "SGD (momentum, weight decay) or AdamW over two groups: backbone (lr) and decoder (lr × decoder_lr_mult)."
     g = model.param_groups()
@@ -204,6 +207,7 @@ def build_optimizer(model: GetamSegmenter, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer == "adamw": return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+# %% ../../nbs/55_singlestage.ipynb #d4d44269
 def build_datasets(cfg: TrainConfig, paths: dict, mean, std) -> tuple[Dataset, Dataset, Dataset]:
     "(train with augmentation, train at full size for pseudo labels, val) datasets."
     sal = (paths["saliency_root"] if (cfg.supervision == "pseudo" and cfg.saliency == "maps") or cfg.saliency_weight
@@ -361,7 +365,7 @@ def plot_curves(log: list[dict], val_hist: list[dict] | None = None, path: str |
     plt.close(fig)
     return fig
 
-# %% ../../nbs/55_singlestage.ipynb #2e29a309
+# %% ../../nbs/55_singlestage.ipynb #8aca9c8d
 def field_docs() -> dict[str, str]:
     "The comment beside each `TrainConfig` field in its source (the exported module's when run inside a notebook)."
     import importlib, inspect, re
@@ -369,6 +373,7 @@ def field_docs() -> dict[str, str]:
     except (OSError, TypeError, ImportError): return {}
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M))
 
+# %% ../../nbs/55_singlestage.ipynb #556108bc
 def arg_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (only options given on the command line are set)."
     p = argparse.ArgumentParser(prog="python -m getam.train",
@@ -383,6 +388,7 @@ def arg_parser() -> argparse.ArgumentParser:
         else: p.add_argument(opt, type=_parse_value, help=h)
     return p
 
+# %% ../../nbs/55_singlestage.ipynb #d487a4c4
 def main(argv: list[str] | None = None) -> dict:
     a = vars(arg_parser().parse_args(argv))
     res = train(make_config(**a))

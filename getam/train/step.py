@@ -33,7 +33,7 @@ def training_targets(maps: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     out[(images == 0).all(1)] = IGNORE_INDEX
     return out
 
-# %% ../../nbs/53_step.ipynb #d92ea55d
+# %% ../../nbs/53_step.ipynb #d3eca6d5
 def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_prefix_tokens: int, image: torch.Tensor,
                          threshold: float = 0.3) -> torch.Tensor:
     """Saliency `[B, H, W]` in {0, 1} without a detector: A_CLS (the [class] row, mean over heads and the recorded
@@ -41,6 +41,7 @@ def class_token_saliency(attn: list[torch.Tensor], grid: tuple[int, int], num_pr
     a = torch.stack([class_row(t, num_prefix_tokens) for t in attn]).mean(0)
     return attention_saliency(a.view(-1, *grid), image, threshold)
 
+# %% ../../nbs/53_step.ipynb #c0d93a1e
 def _saliency(batch: dict, rec, x: torch.Tensor, rule: LabelRule) -> torch.Tensor:
     "The saliency of a batch: the external maps (`rule.saliency='maps'`) or the recorded attention's (`'attention'`)."
     if rule.saliency == "maps": return batch["saliency"]
@@ -88,6 +89,7 @@ def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = 
     out["pseudo"] = target
     return out
 
+# %% ../../nbs/53_step.ipynb #469f739f
 def train_step(ctx: StepContext, batch: dict, cls_only_frac: float = 0.5, **settings) -> dict:
     """One step of single-stage training, the step `getam.train.loop.fit` runs: steps 1-4 (`step_losses`, which takes
     the keywords `settings`), then 5. one backward and 6. one optimiser step (`ctx.update`; in phase 1 the decoder did
@@ -96,7 +98,6 @@ def train_step(ctx: StepContext, batch: dict, cls_only_frac: float = 0.5, **sett
     out = step_losses(ctx.net, batch, phase, autocast=ctx.autocast, **settings)
     frozen = ctx.model.decoder.parameters() if phase == 1 else ()
     return dict(phase=phase, **ctx.update(out, frozen))
-
 
 # %% ../../nbs/53_step.ipynb #31b1715f
 def two_forward_losses(model: nn.Module, batch: dict, *, rule: LabelRule = LabelRule(), layers: list | None = None,
