@@ -31,7 +31,6 @@ def import_pydensecrf():
     except ImportError as e: raise ImportError(CRF_INSTALL) from e
     return dcrf, unary_from_softmax
 
-_import_crf = import_pydensecrf   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def crf_params(crf: str | dict | None) -> dict | None:
     "Resolve a CRF setting name (`released`, `deeplab`), a dict of overrides of `released`, or None."
@@ -67,7 +66,6 @@ def dense_crf_job(job: tuple) -> np.ndarray:
     image, probs, params = job
     return dense_crf(image, probs, params)
 
-_crf_task = dense_crf_job   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released",
               processes: int = 2) -> list[np.ndarray]:

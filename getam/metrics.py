@@ -154,7 +154,6 @@ def class_names_of(dataset) -> list[str] | None:
     names = getattr(dataset, "class_names", None)
     return list(names) if names is not None else None
 
-_names_of = class_names_of   # the old name, for getam.train.infer until nbs/54_infer imports the new one
 
 def metrics(cms: dict[str, ConfusionMatrix] | ConfusionMatrix) -> dict:
     "JSON-able summary: mIoU (%) and per-class IoU (%) of each confusion matrix."

@@ -91,7 +91,7 @@ def record_qkv_dtypes(monkeypatch) -> list:
     import getam.train.step as step_module
     dtypes, real = [], step_module.step_losses
     def spy(model, batch, phase, **kw):
-        qkv = step_module._unwrap(model).backbone.blocks[0].attn.qkv
+        qkv = step_module.unwrap_model(model).backbone.blocks[0].attn.qkv
         h = qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         try: return real(model, batch, phase, **kw)
         finally: h.remove()

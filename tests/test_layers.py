@@ -133,20 +133,6 @@ def test_the_checker_sees_a_circle_an_upward_import_and_a_crossed_room(tmp_path,
 PENDING_PRIVATE = {
     ("completion", "pamr", "_pamr_numpy"):          # [22_completion] its NumPy twin and benchmark go to repro
         "use getam.repro.reference.pamr_numpy from there, then drop pamr._pamr_numpy",
-    ("train.infer", "crf", "_crf_task"):            # [54_infer] the public name exists
-        "import getam.crf.dense_crf_job, then drop the alias",
-    ("train.infer", "crf", "_import_crf"):          # [54_infer] the public name exists
-        "import getam.crf.import_pydensecrf, then drop the alias",
-    ("train.infer", "metrics", "_names_of"):        # [54_infer] the public name exists
-        "import getam.metrics.class_names_of, then drop the alias",
-    ("train.infer", "train.loop", "_unwrap"):       # [52_loop, 54_infer]
-        "make train.loop._unwrap public",
-    ("train.step", "train.loop", "_unwrap"):        # [52_loop, 53_step]
-        "make train.loop._unwrap public",
-    ("train.singlestage", "train.loop", "_parse_value"):   # [52_loop, 55_singlestage]
-        "make train.loop._parse_value public (or move it to the config parsing it serves)",
-    ("repro.gpucheck", "train.loop", "_ddp"):       # [52_loop] gpucheck wraps a model exactly as the loop does
-        "make train.loop._ddp public",
 }
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..backbones import create_backbone
 from ..cams import getam
-from ..train.loop import _ddp
+from ..train.loop import ddp_wrap
 from ..model import GetamSegmenter
 from .reference import released_recipe, vjp_floor
 from ..train.step import step_losses
@@ -175,7 +175,7 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
             vit = create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, embed_dim=32,
                                   depth=4, num_heads=2)
             model = GetamSegmenter(vit, num_classes=3, features=16).to(device)
-            net = _ddp(model, device)
+            net = ddp_wrap(model, device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             g = torch.Generator().manual_seed(0)
             batch = dict(image=torch.randn(2, 3, 32, 32, generator=g), label=torch.tensor([[1.0, 0, 1], [0, 1, 0]]),

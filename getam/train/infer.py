@@ -16,12 +16,12 @@ from fastprogress.fastprogress import progress_bar
 
 from ..classes import IMAGENET_MEAN, IMAGENET_STD
 from ..data import denormalize, normalize_image
-from ..crf import _crf_task, _import_crf, crf_params, dense_crf
+from ..crf import dense_crf_job, import_pydensecrf, crf_params, dense_crf
 from ..images import PALETTE, write_palette_png
 from ..cams import getam_layers, resize_maps
 from ..completion import LabelRule, attention_saliency, save_pseudo_labels
-from .loop import _unwrap
-from ..metrics import ConfusionMatrix, _names_of
+from .loop import unwrap_model
+from ..metrics import ConfusionMatrix, class_names_of
 from .step import training_targets
 
 
@@ -98,8 +98,8 @@ def evaluate_model(model_fn: Callable, dataset,
                    progress: bool = True) -> dict[str, ConfusionMatrix]:
     "Confusion matrices `single_scale`, `ms_flip` and (with `crf`) `ms_flip_crf` of `model_fn` on `dataset`."
     params = crf_params(crf)
-    if params is not None: _import_crf()
-    class_names = list(class_names) if class_names is not None else _names_of(dataset)
+    if params is not None: import_pydensecrf()
+    class_names = list(class_names) if class_names is not None else class_names_of(dataset)
     K = num_classes or (len(class_names) if class_names else None)
     if K is None:
         raise ValueError("evaluate_model: give num_classes (background included) or a dataset with class_names")
@@ -131,7 +131,7 @@ def evaluate_model(model_fn: Callable, dataset,
             probs = (ms[0] if merge == "probs" else ms[0].softmax(0)).cpu().numpy()
             if ex is None: finish(name, gt, torch.from_numpy(dense_crf(raw, probs, params).argmax(0)))
             else:
-                pending.append((name, gt, ex.submit(_crf_task, (raw, probs, params))))
+                pending.append((name, gt, ex.submit(dense_crf_job, (raw, probs, params))))
                 while len(pending) > 2 * processes or (pending and pending[0][2].done()):
                     nm, g, fut = pending.pop(0)
                     finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
@@ -164,7 +164,7 @@ def _pad_to(x: torch.Tensor, m: int) -> torch.Tensor:
 def segmenter_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """`model_fn` of a two-branch model: normalised `[B, 3, H, W]` → segmentation logits `[B, C+1, H, W]` (padded to the
     patch size)."""
-    m = _unwrap(model)
+    m = unwrap_model(model)
     def model_fn(x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         return m.forward_both(_pad_to(x, int(m.stride)))[1][..., :H, :W]
@@ -180,11 +180,12 @@ def segment(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
 def evaluate_segmenter(model: nn.Module, ds, device="cpu", limit: int | None = None,
                        progress: bool = False) -> ConfusionMatrix:
     "Validation confusion matrix of a two-branch model's single-scale predictions on `ds` (items need `mask`)."
-    m = _unwrap(model)
+    m = unwrap_model(model)
     was = m.training
     m.eval()
     K = m.num_classes + 1
-    names = _names_of(ds.dataset if hasattr(ds, "dataset") else ds) or ["background"] + [str(i) for i in range(1, K)]
+    names = (class_names_of(ds.dataset if hasattr(ds, "dataset") else ds)
+             or ["background"] + [str(i) for i in range(1, K)])
     cms = evaluate_model(segmenter_fn(m), ds, K, names if len(names) == K else None,
                          scales="single", flip=False, crf=None, device=device, limit=limit, progress=progress)
     m.train(was)
@@ -198,7 +199,7 @@ def make_pseudo_labels(model: nn.Module, image: torch.Tensor, label: torch.Tenso
     `saliency: [B, H, W]` is Eq. 4's (None with `rule.saliency == "attention"`: the model's A_CLS instead)."""
     if rule.saliency == "maps" and saliency is None:
         raise ValueError("make_pseudo_labels: rule.saliency='maps' needs saliency [B, H, W] (or saliency='attention')")
-    m = _unwrap(model)
+    m = unwrap_model(model)
     H, W = image.shape[-2:]
     x = _pad_to(image, int(m.stride))
     with torch.enable_grad(): res = getam_layers(m, x, label, layers=layers, fusion=fusion)
@@ -215,7 +216,7 @@ def pseudo_label_dataset(model: nn.Module, ds, out_dir: str | Path | None = None
     """Pseudo labels of the items of `ds` from a trained model (`make_pseudo_labels`, one image at a time) → their
     confusion matrix against the items' `mask`; with `out_dir`, also saved as `out_dir/{name}.png`
     (`save_pseudo_labels`)."""
-    m = _unwrap(model)
+    m = unwrap_model(model)
     was = m.training
     m.eval()
     cm = ConfusionMatrix(m.num_classes + 1)

@@ -22,11 +22,12 @@ from ..data import collate
 from ..utils import atomic_path, save_weights
 
 # %% auto #0
-__all__ = ['dist_info', 'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler', 'SeededItems', 'save_checkpoint',
-           'load_checkpoint', 'DDPSetup', 'EpochBatches', 'Checkpointer', 'CSVLog', 'Progress', 'StepContext', 'fit']
+__all__ = ['unwrap_model', 'dist_info', 'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler', 'SeededItems', 'save_checkpoint',
+           'load_checkpoint', 'ddp_wrap', 'DDPSetup', 'EpochBatches', 'Checkpointer', 'parse_value', 'CSVLog',
+           'Progress', 'StepContext', 'fit']
 
 # %% ../../nbs/52_loop.ipynb #b2541a8a
-def _unwrap(model: nn.Module) -> nn.Module: return model.module if hasattr(model, "module") else model
+def unwrap_model(model: nn.Module) -> nn.Module: return model.module if hasattr(model, "module") else model
 
 def _reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().float().clone()
@@ -122,7 +123,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, epoch: int
                     config: dict | None = None, scaler=None, extra: dict | None = None) -> Path:
     "Write `model.safetensors` and `state.pt` atomically into `out_dir`; returns the folder."
     out_dir = Path(out_dir)
-    save_weights(out_dir / "model.safetensors", _unwrap(model).state_dict())
+    save_weights(out_dir / "model.safetensors", unwrap_model(model).state_dict())
     state = dict(optimizer=optimizer.state_dict(), epoch=epoch, step=step, epoch_step=epoch_step, rng=_rng_state(),
                  config=json.dumps(config) if config else "{}", scaler=scaler.state_dict() if scaler else None,
                  extra=extra or {})
@@ -145,7 +146,7 @@ def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scale
         raise ValueError(f"{out_dir}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:120]}); expected "
                          "model.safetensors + state.pt written by getam (an interrupted copy?); delete the folder or "
                          "point out_dir elsewhere") from e
-    try: _unwrap(model).load_state_dict(weights)
+    try: unwrap_model(model).load_state_dict(weights)
     except RuntimeError as e:
         why = str(e).splitlines()[-1].strip()[:160]
         raise ValueError(f"{out_dir}/model.safetensors: does not fit this model ({why}); "
@@ -156,7 +157,7 @@ def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scale
     return state
 
 # %% ../../nbs/52_loop.ipynb #0aaf38fb
-def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """The model wrapped in DDP (BatchNorms synchronised; the decoder is unused in phase 1, hence
     `find_unused_parameters`)."""
     sync_batchnorm(model, device)
@@ -174,7 +175,7 @@ class DDPSetup:
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         "`model` in DDP when there is more than one process, else `model` itself."
-        return _ddp(model, device) if self.world > 1 else model
+        return ddp_wrap(model, device) if self.world > 1 else model
 
 # %% ../../nbs/52_loop.ipynb #2a1e4fdd
 class EpochBatches:
@@ -242,7 +243,7 @@ class Checkpointer:
             shutil.rmtree(self.out_dir, ignore_errors=True)   # a fresh run failed before its first checkpoint
 
 # %% ../../nbs/52_loop.ipynb #532616cc
-def _parse_value(s: str):
+def parse_value(s: str):
     if s.lower() in ("none", "null"): return None
     if s.lower() in ("true", "false"): return s.lower() == "true"
     for t in (int, float):
@@ -260,7 +261,7 @@ class CSVLog:
         "The rows of the log at `path`, values parsed back, those of steps before `upto` ([] when there is no log)."
         if not path.is_file(): return []
         with open(path) as f:
-            rows = [{k: _parse_value(v) if v != "" else "" for k, v in r.items()} for r in csv.DictReader(f)]
+            rows = [{k: parse_value(v) if v != "" else "" for k, v in r.items()} for r in csv.DictReader(f)]
         return [r for r in rows if upto is None or r["step"] < upto]
 
     def __enter__(self) -> CSVLog:
@@ -320,7 +321,7 @@ class StepContext:
     and unwrapped (`model`), the optimiser, AMP, the global step of `total`, and `update`: the NaN guard, one backward
     and one optimiser step."""
     def __init__(self, net: nn.Module, optimizer, scaler, autocast, total: int, device: torch.device):
-        self.net, self.model, self.optimizer, self.scaler = net, _unwrap(net), optimizer, scaler
+        self.net, self.model, self.optimizer, self.scaler = net, unwrap_model(net), optimizer, scaler
         self.autocast, self.total, self.device, self.step, self.epoch = autocast, total, device, 0, 0
 
     def update(self, losses: dict[str, torch.Tensor], frozen: Iterable[nn.Parameter] = ()) -> dict[str, float]:

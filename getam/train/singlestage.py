@@ -20,7 +20,7 @@ from ..completion import SALIENCY_SOURCES, LabelRule
 from ..config import default_saliency_root, get_settings, resolve_device
 from ..data import DATASETS, eval_transform, load_dataset, train_transform
 from .infer import evaluate_segmenter, pseudo_label_dataset
-from .loop import _parse_value, dist_info, fit
+from .loop import parse_value, dist_info, fit
 from ..model import GetamSegmenter
 from .schedules import lr_at, phase2_start
 from .step import train_step
@@ -385,7 +385,7 @@ def arg_parser() -> argparse.ArgumentParser:
         opt, h = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
         if isinstance(f.default, bool): p.add_argument(opt, action=argparse.BooleanOptionalAction, help=h)
         elif f.name in ("layers", "resize_range"): p.add_argument(opt, nargs="+", type=int, help=h)
-        else: p.add_argument(opt, type=_parse_value, help=h)
+        else: p.add_argument(opt, type=parse_value, help=h)
     return p
 
 # %% ../../nbs/55_singlestage.ipynb #d487a4c4

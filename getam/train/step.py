@@ -15,7 +15,7 @@ from ..cams import class_row, maps_from_attention
 from ..classes import IGNORE_INDEX
 from . import losses
 from ..completion import LabelRule, attention_saliency, pseudo_labels
-from .loop import StepContext, _unwrap
+from .loop import StepContext, unwrap_model
 from .schedules import phase2_start
 
 
@@ -69,9 +69,9 @@ def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = 
         # 1. forward once, recording the attention of the GETAM blocks. The VJPs need the module's own logits: under
         #    DDP the returned ones pass through DDP's sink node, which the GETAM VJPs must not traverse (so: a hook).
         raw = []
-        hook = _unwrap(model).register_forward_hook(lambda m, i, o: raw.append(o))
+        hook = unwrap_model(model).register_forward_hook(lambda m, i, o: raw.append(o))
         try:
-            with record_attention(_unwrap(model), layers) as rec:
+            with record_attention(unwrap_model(model), layers) as rec:
                 with ac: cls, seg = model(x, with_seg=True)
         finally: hook.remove()
         # 2. GETAM maps from that forward: max-K VJPs w.r.t. the attention only, keeping the graph for the losses
@@ -105,7 +105,7 @@ def two_forward_losses(model: nn.Module, batch: dict, *, rule: LabelRule = Label
                        seg_weight: float = 1.0) -> dict[str, torch.Tensor]:
     "Phase-2 losses the paper's way: one forward for GETAM, a fresh one for the losses (the keywords of `step_losses`)."
     x, y = batch["image"], batch["label"]
-    with record_attention(_unwrap(model), layers) as rec:
+    with record_attention(unwrap_model(model), layers) as rec:
         cls, _ = model(x, with_seg=True)
     maps = maps_from_attention(cls, rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=fusion, retain_graph=False)
     target = training_targets(maps, x, y, _saliency(batch, rec, x, rule), rule.gamma, rule.alpha, rule.use_pamr)
