@@ -15,11 +15,9 @@ from typing import Iterable, Sequence
 import timm
 import torch
 from torch import nn
-from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+from timm.layers import HybridEmbed
 from timm.models.beit import Beit
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
-from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from safetensors.torch import load_file
@@ -28,9 +26,9 @@ from .config import setting
 
 # %% auto #0
 __all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'SHIPPED_WEIGHTS', 'ARCH_KEYS',
-           'TINY_KINDS', 'resolve_name', 'load_weights_file', 'arch_overrides', 'arch_suffix', 'weights_candidates',
-           'find_weights', 'create_backbone', 'tiny_backbone', 'vit_of', 'is_hybrid', 'default_layers',
-           'resolve_layers', 'check_class_token_readout', 'AttentionRecorder', 'record_attention']
+           'resolve_name', 'load_weights_file', 'arch_overrides', 'arch_suffix', 'weights_candidates', 'find_weights',
+           'create_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers', 'check_class_token_readout',
+           'AttentionRecorder', 'record_attention']
 
 # %% ../nbs/12_backbones.ipynb #162e8ff5
 ALIASES = {
@@ -154,36 +152,6 @@ def _check_fit(model: nn.Module, sd: dict, weights, tname: str) -> nn.Module:
                          f"(e.g. {missing[:3]}; the file has {list(sd)[:3]}); "
                          f"expected a timm state dict of {tname} with the same width, depth and patch size")
     return model
-
-# %% ../nbs/12_backbones.ipynb #37a38928
-TINY_KINDS = ("vit", "deit", "deit_distilled", "vit_hybrid", "vit_reg", "clip", "deit3", "eva", "beit", "relpos")
-
-def tiny_backbone(kind: str = "vit", num_classes: int = 4, img_size: int = 32, patch_size: int = 8,
-                  embed_dim: int = 32, depth: int = 3, num_heads: int = 2, **kwargs) -> nn.Module:
-    """A small random timm model of family `kind` (`TINY_KINDS`); any input size except `beit` and `relpos`
-    (`img_size` only)."""
-    fixed = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                 num_classes=num_classes)
-    args = dict(fixed, dynamic_img_size=True, **kwargs)
-    if kind in ("vit", "deit"): return VisionTransformer(**args)
-    if kind == "vit_reg": return VisionTransformer(**dict(dict(reg_tokens=4, no_embed_class=True), **args))
-    if kind == "clip": return VisionTransformer(**dict(dict(pre_norm=True, act_layer="quick_gelu"), **args))
-    if kind == "deit3": return VisionTransformer(**dict(dict(init_values=1e-1, no_embed_class=True), **args))
-    if kind == "eva":
-        grid = (img_size // patch_size, img_size // patch_size)
-        return Eva(**dict(dict(global_pool="token", use_rot_pos_emb=True, ref_feat_shape=grid, swiglu_mlp=True),
-                          **args))
-    if kind == "beit":
-        return Beit(**dict(dict(fixed, global_pool="token", use_rel_pos_bias=True, use_abs_pos_emb=False), **kwargs))
-    if kind == "relpos":
-        return VisionTransformerRelPos(**dict(dict(fixed, class_token=True, global_pool="token"), **kwargs))
-    if kind == "deit_distilled": return VisionTransformerDistilled(**args)
-    if kind == "vit_hybrid":  # ResNetV2 stem (stride 4) + one stage of stride 2 → features at 1/8, patch size 1
-        cnn = ResNetV2(layers=(1, 1), channels=(16, 32), num_classes=0, global_pool="", stem_chs=8, preact=False,
-                       stem_type="same", conv_layer=partial(StdConv2dSame, eps=1e-8),
-                       norm_layer=partial(GroupNormAct, num_groups=4))
-        return VisionTransformer(**dict(args, patch_size=1), embed_layer=partial(HybridEmbed, backbone=cnn))
-    raise ValueError(f"kind={kind!r}; expected one of {', '.join(TINY_KINDS)}")
 
 # %% ../nbs/12_backbones.ipynb #78a01798
 def vit_of(model: nn.Module) -> nn.Module:

@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from .cams import normalize_maps
 from .crf import dense_crf
 from .images import PALETTE, write_palette_png
-from .pamr import _pamr_numpy, pamr
-from .utils import format_timings, time_side_by_side
+from .pamr import pamr
 
 # %% auto #0
 __all__ = ['SALIENCY_SOURCES', 'present_classes', 'gather_classes', 'background_channel', 'activation_argmax',
            'binarize_saliency', 'saliency_mask', 'mining_thresholds', 'mine_high_activation', 'open_foreground',
            'complete_labels', 'label_maps', 'pseudo_labels', 'attention_saliency', 'LabelRule', 'crf_labels',
-           'crf_pseudo_labels', 'save_pseudo_labels', 'standin_maps', 'benchmark']
+           'crf_pseudo_labels', 'save_pseudo_labels']
 
 # %% ../nbs/22_completion.ipynb #90bd2736
 def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,76 +228,3 @@ def save_pseudo_labels(labels: torch.Tensor, names: Sequence[str], out_dir: str 
         raise ValueError(f"expected labels [B, H, W] and B names, got {labels.shape} and {len(names)} names")
     return [write_palette_png(Path(out_dir) / f"{n}.png", l.astype(np.uint8), PALETTE) for l, n in zip(labels, names)]
 
-
-# %% ../nbs/22_completion.ipynb #df09fc12
-def standin_maps(mask: torch.Tensor, part: torch.Tensor, num_classes: int, sigma: float = 3.0,
-                 seed: int = 0) -> torch.Tensor:
-    """A **stand-in** for GETAM maps, derived from ground truth: `mask, part: [B, H, W]` -> `[B, C, H, W]` in [0, 1].
-
-    Class c's map is its object mask at 0.5 plus its discriminative part at 1, blurred (`sigma` px, overflowing the
-    boundary) and multiplied by low-frequency noise. Only for demonstrations and tests of the completion."""
-    g = torch.Generator().manual_seed(seed)
-    B, H, W = mask.shape
-    oh = torch.stack([(mask == c + 1).float() * 0.5 + (part == c + 1).float() * 0.5 for c in range(num_classes)], 1)
-    r = max(1, int(3 * sigma))
-    x = torch.arange(-r, r + 1).float()
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k /= k.sum()
-    blur = F.conv2d(F.pad(oh.reshape(-1, 1, H, W), [r, r, 0, 0], mode="replicate"), k.view(1, 1, 1, -1))
-    blur = F.conv2d(F.pad(blur, [0, 0, r, r], mode="replicate"), k.view(1, 1, -1, 1)).view(B, num_classes, H, W)
-    noise = F.interpolate(torch.rand(B, num_classes, 4, 4, generator=g), size=(H, W), mode="bilinear",
-                          align_corners=False)
-    return normalize_maps(blur * (0.6 + 0.8 * noise), eps=1e-5).clamp(0, 1)
-
-# %% ../nbs/22_completion.ipynb #f527d508
-def _complete_numpy(image, maps, labels, saliency, gamma=32, alpha=0.9):
-    "The per-image loop: PAMR, max-normalise, background, argmax, Eq. 4, then per class sort + threshold (Eq. 5)."
-    out = []
-    for b in range(len(maps)):
-        cls = np.nonzero(labels[b] > 0)[0]
-        m = _pamr_numpy(image[b], maps[b][cls])
-        m = m / (m.max((1, 2), keepdims=True) + 1e-5)
-        bg = (1 - m.max(0, keepdims=True)) ** gamma
-        pred = np.concatenate([[0], cls + 1])[np.concatenate([bg, m]).argmax(0)]
-        sal = saliency[b] > 0
-        p = np.where(sal, np.where(pred == 0, 255, pred), 0)
-        count, hit = np.zeros(p.shape, np.int64), np.zeros(p.shape, np.int64)
-        for j, c in enumerate(cls):
-            v = np.sort(m[j][m[j] > 0])
-            k = int(len(v) * alpha)
-            if k == 0 or k >= len(v): continue
-            high = (m[j] > v[k]) & ~sal
-            count += high
-            hit[high] = c + 1
-        p[count == 1] = hit[count == 1]
-        p[count > 1] = 255
-        out.append(p)
-    return np.stack(out)
-
-# %% ../nbs/22_completion.ipynb #dce12c6b
-def _bench_inputs(B=8, C=20, K=3, size=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(B, 3, size // 8, size // 8, generator=g)
-    image = F.interpolate(image, size=(size, size), mode="nearest") + 0.05 * torch.rand(B, 3, size, size, generator=g)
-    labels = torch.zeros(B, C)
-    for b in range(B): labels[b, torch.randperm(C, generator=g)[:K]] = 1
-    maps = torch.rand(B, C, size // 16, size // 16, generator=g) * labels[:, :, None, None]
-    coarse = torch.rand(B, 1, 4, 4, generator=g)
-    saliency = (F.interpolate(coarse, size=(size, size), mode="bilinear")[:, 0] > 0.5).long()
-    return image, maps, labels, saliency
-
-def benchmark(repeats: int = 5, B: int = 8, C: int = 20, K: int = 3, size: int = 256) -> dict[str, float]:
-    "Batched PAMR + completion vs a per-image NumPy loop like the released code; prints both and the ratio."
-    image, maps, labels, saliency = _bench_inputs(B, C, K, size)
-    up = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-    batched = lambda: pseudo_labels(image, maps, labels, saliency)
-    npargs = (image.numpy(), up.numpy(), labels.numpy(), saliency.numpy())
-    loop = lambda: _complete_numpy(*npargs)
-    a, b = batched().numpy(), loop()
-    print(f"B={B}, C={C}, {K} classes per image, {size}x{size}, PAMR 10 iterations x 6 dilations; "
-          f"labels agree on {(a == b).mean() * 100:.3f}% of pixels")
-    times = time_side_by_side({"per-image numpy loop (released-style)": loop, "batched torch": batched},
-                              repeats=repeats)
-    print(format_timings(times))
-    print(f"speed-up: {times['per-image numpy loop (released-style)'] / times['batched torch']:.1f}x")
-    return times

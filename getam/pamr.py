@@ -7,7 +7,6 @@ in its own module as in 1-stage-wseg."""
 from __future__ import annotations
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,24 +74,3 @@ def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] =
         for j in range(1, len(sh)): out.addcmul_(aff[j, :, None], sh[j])
         m = out
     return m
-
-# %% ../nbs/21_pamr.ipynb #8174b7b5
-def _pamr_numpy(image: np.ndarray, masks: np.ndarray, dilations=(1, 2, 4, 8, 12, 24), iters: int = 10) -> np.ndarray:
-    "PAMR for one image as in 1-stage-wseg, in NumPy: `image [3, H, W]`, `masks [K, H, W]`."
-    def stack(x, center):   # [..., P, H, W]: the shifted copies, dilation by dilation, replicate padding
-        H, W = x.shape[-2:]
-        out = []
-        for d in dilations:
-            xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(d, d), (d, d)], mode="edge")
-            for dy, dx in (((0, 0),) if center else ()) + _NEIGHBOURS:
-                out.append(xp[..., d + dy * d:d + dy * d + H, d + dx * d:d + dx * d + W])
-        return np.stack(out, -3)
-    x = image.astype(np.float32)
-    std = stack(x, True).std(-3, ddof=1, keepdims=True)
-    aff = (-np.abs(x[:, None] - stack(x, False)) / (1e-8 + 0.1 * std)).mean(0)
-    aff = np.exp(aff - aff.max(0, keepdims=True))
-    aff /= aff.sum(0, keepdims=True)
-    m = masks.astype(np.float32)
-    for _ in range(iters): m = (stack(m, False) * aff[None]).sum(1)
-    return m
-

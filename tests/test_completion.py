@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from getam.completion import (
-    _bench_inputs, _complete_numpy, activation_argmax, attention_saliency, background_channel, binarize_saliency,
+    activation_argmax, attention_saliency, background_channel, binarize_saliency,
     complete_labels, crf_labels, crf_pseudo_labels, mine_high_activation, mining_thresholds, open_foreground, pamr,
     present_classes, pseudo_labels, saliency_mask, save_pseudo_labels,
 )
 from getam.metrics import score_folder
+from getam.repro.reference import bench_inputs, complete_numpy
 
 DIL = (1, 2, 4, 8, 12, 24)
 
@@ -246,10 +247,10 @@ def test_batched_equals_naive_per_image(alpha):
 
 
 def test_released_style_loop_equals_batched():
-    image, maps, labels, saliency = _bench_inputs(B=2, C=7, K=3, size=48)
+    image, maps, labels, saliency = bench_inputs(B=2, C=7, K=3, size=48)
     up = F.interpolate(maps, size=(48, 48), mode="bilinear", align_corners=False)
     a = pseudo_labels(image, maps, labels, saliency)
-    b = _complete_numpy(image.numpy(), up.numpy(), labels.numpy(), saliency.numpy())
+    b = complete_numpy(image.numpy(), up.numpy(), labels.numpy(), saliency.numpy())
     assert (a.numpy() == b).mean() > 0.999
 
 
@@ -353,7 +354,8 @@ def test_save_and_score(tmp_path):
 @pytest.mark.slow
 def test_synthvoc_stages(tmp_path):
     from getam.cams import normalize_maps
-    from getam.completion import standin_maps, gather_classes
+    from getam.completion import gather_classes
+    from getam.repro.reference import standin_maps
     from getam.data import load_dataset
     from getam.images import read_png
     from getam.metrics import ConfusionMatrix

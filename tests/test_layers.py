@@ -128,12 +128,9 @@ def test_the_checker_sees_a_circle_an_upward_import_and_a_crossed_room(tmp_path,
 
 
 # ---------------------------------------------------------------- no private name crosses a module
-# A `_name` is its module's own business: a module that needs it from another one makes it public there. The imports
-# below still do it; each waits for a notebook that was being edited elsewhere (the exporting notebook in brackets).
-PENDING_PRIVATE = {
-    ("completion", "pamr", "_pamr_numpy"):          # [22_completion] its NumPy twin and benchmark go to repro
-        "use getam.repro.reference.pamr_numpy from there, then drop pamr._pamr_numpy",
-}
+# A `_name` is its module's own business: a module that needs it from another one makes it public there. An import
+# that still does it, while its notebook is being changed, goes into PENDING_PRIVATE with what is left to do.
+PENDING_PRIVATE: dict = {}   # none left; an entry is (module, source module, name): "what to do"
 
 
 def private_imports(mod: str) -> list[tuple[str, str, int]]:

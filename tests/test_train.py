@@ -112,13 +112,15 @@ def test_method_functions_run_without_a_training_config():
     getam.train.singlestage is never imported."""
     code = """
 import sys, torch
-from getam.backbones import tiny_backbone
+from timm.models.vision_transformer import VisionTransformer
 from getam.model import GetamSegmenter
 from getam.completion import LabelRule
 from getam.train.step import step_losses, two_forward_losses
 from getam.train.infer import make_pseudo_labels, pseudo_label_dataset
 torch.manual_seed(0)
-m = GetamSegmenter(tiny_backbone("vit", num_classes=3, img_size=32, depth=4), num_classes=3, features=16)
+vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3,
+                        dynamic_img_size=True)
+m = GetamSegmenter(vit, num_classes=3, features=16)
 g = torch.Generator().manual_seed(0)
 b = dict(image=torch.randn(2, 3, 32, 32, generator=g), label=torch.tensor([[1., 0, 1], [0, 1, 0]]),
          saliency=(torch.rand(2, 32, 32, generator=g) > 0.5).long())

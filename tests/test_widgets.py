@@ -152,12 +152,13 @@ NOTEBOOK_SRC = [
     "import torch\n"
     "from getam.synth import make_synthvoc\n"
     "from getam.data import load_dataset\n"
-    "from getam.backbones import tiny_backbone\n"
+    "from getam.backbones import create_backbone\n"
     "from getam.widgets import LayerExplorer\n"
     "root = make_synthvoc('synth', n_train=1, n_val=2, size=32)\n"
     "ds = load_dataset('synth', root, 'val')\n"
     "torch.manual_seed(0)\n"
-    "vit = tiny_backbone(num_classes=ds.num_classes, img_size=32, patch_size=8, depth=3).eval()\n"
+    "vit = create_backbone('vit_tiny_patch16_224', num_classes=ds.num_classes, img_size=32, patch_size=8,\n"
+    "                      embed_dim=32, depth=3, num_heads=2).eval()\n"
     "ex = LayerExplorer(vit, ds)\n"
     "ex.widget",
 ]

@@ -10,7 +10,6 @@ import argparse, dataclasses
 import torch
 import torch.nn.functional as F
 
-from .. import completion
 from . import explainers_bench, gpucheck, reference
 from ..backbones import record_attention
 from ..cams import maps_from_attention
@@ -89,7 +88,7 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
     return t
 
 # %% ../../nbs/93_bench.ipynb #78ac3c04
-BENCHMARKS = {"cams": reference.benchmark_cams, "completion": completion.benchmark, "train": benchmark_train,
+BENCHMARKS = {"cams": reference.benchmark_cams, "completion": reference.benchmark_completion, "train": benchmark_train,
               "explainers": explainers_bench.benchmark, "gpu": gpucheck.gpu_check}
 
 # %% ../../nbs/93_bench.ipynb #808e0c11
