@@ -18,7 +18,29 @@ from .config import setting
 
 
 # %% auto #0
-__all__ = ['BENCHMARK_SEED_LIMIT', 'SYNTH_DEFAULTS', 'synth_sample', 'make_synthvoc', 'ensure_synthvoc', 'object_stats', 'main']
+__all__ = ['VERSIONS', 'LATEST_VERSION', 'V2_CLASS_COUNTS', 'V2_EXTRA_OBJECTS', 'V2_MAX_OBJECTS', 'V2_AREA_MEDIAN',
+           'V2_AREA_SIGMA', 'V2_AREA_RANGE', 'SEPARATION', 'BENCHMARK_SEED_LIMIT', 'SYNTH_DEFAULTS', 'check_version',
+           'synth_sample', 'make_synthvoc', 'synthvoc_version', 'ensure_synthvoc', 'object_stats', 'synth_statistics',
+           'main']
+
+# %% ../nbs/11_synth.ipynb #119a45ac
+VERSIONS = (1, 2)    # the SynthVOC versions this generator reproduces
+LATEST_VERSION = 2   # what make_synthvoc, the command line and the training run use unless told otherwise
+
+# v2's scene statistics, chosen from PASCAL VOC 2012's published numbers (the table above)
+V2_CLASS_COUNTS = (0.64, 0.26, 0.10)         # P(1, 2, 3 classes in an image)
+V2_EXTRA_OBJECTS = 1.3                       # objects = max(classes, 1 + Poisson(this)), at most V2_MAX_OBJECTS
+V2_MAX_OBJECTS = 6
+V2_AREA_MEDIAN, V2_AREA_SIGMA = 0.11, 0.95   # object area / image area: log-normal
+V2_AREA_RANGE = (0.008, 0.4)                 # ... clipped to this range
+SEPARATION = {1: 0.85, 2: 0.6}               # centres at least this x (the sum of semi-major axes) apart
+
+def check_version(version: int) -> int:
+    "`version` if this generator makes it, else a ValueError naming the valid ones."
+    if version not in VERSIONS:
+        raise ValueError(f"SynthVOC version={version!r}: valid versions are {', '.join(map(str, VERSIONS))} "
+                         f"(the latest, {LATEST_VERSION}, is the default)")
+    return version
 
 # %% ../nbs/11_synth.ipynb #bb1c9be5
 def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
@@ -115,26 +137,48 @@ def _draw_clutter(rng: np.random.Generator, image: np.ndarray, rows, cols, scale
     return clutter
 
 # %% ../nbs/11_synth.ipynb #2b2d2521
-def _place_object(rng: np.random.Generator, placed: list[tuple], size: int, scale: float) -> tuple | None:
-    """(centre_col, centre_row, semi_major, semi_minor) of a new object's ellipse body, drawn up to 30 times until its
-    centre lies farther than 0.85 x (the sum of the semi-major axes) from each object already `placed`, a list of
-    (col, row, semi_major); None when every try fails (the object is left out)."""
-    for _ in range(30):
+def _object_axes(rng: np.random.Generator, size: int, scale: float, version: int) -> tuple[float, float]:
+    """(semi_major, semi_minor) of a new object's ellipse body. v1: semi-major log-uniform in 7-36 px at 128 px; v2: the
+    area a log-normal share of the image (`V2_AREA_MEDIAN`, `V2_AREA_SIGMA`, clipped to `V2_AREA_RANGE`). Both: the
+    semi-minor axis 0.55-1 of the semi-major."""
+    if version == 1:
         semi_major = float(np.exp(rng.uniform(np.log(7), np.log(36)))) * scale
-        semi_minor = semi_major * rng.uniform(0.55, 1.0)
+        return semi_major, semi_major * rng.uniform(0.55, 1.0)
+    share = float(np.clip(np.exp(rng.normal(np.log(V2_AREA_MEDIAN), V2_AREA_SIGMA)), *V2_AREA_RANGE))
+    aspect = rng.uniform(0.55, 1.0)
+    semi_major = float(np.sqrt(share * size * size / (np.pi * aspect)))
+    return semi_major, semi_major * aspect
+
+def _place_object(rng: np.random.Generator, placed: list[tuple], size: int, scale: float,
+                  version: int = 1) -> tuple | None:
+    """(centre_col, centre_row, semi_major, semi_minor) of a new object's ellipse body, drawn up to 30 times until its
+    centre lies farther than `SEPARATION[version]` x (the sum of the semi-major axes) from each object already `placed`,
+    a list of (col, row, semi_major); None when every try fails (the object is left out)."""
+    for _ in range(30):
+        semi_major, semi_minor = _object_axes(rng, size, scale, version)
         centre_col, centre_row = rng.uniform(0.3 * semi_major, size - 0.3 * semi_major, 2)
-        if all(np.hypot(centre_col - col, centre_row - row) > 0.85 * (semi_major + other_semi_major)
+        if all(np.hypot(centre_col - col, centre_row - row) > SEPARATION[version] * (semi_major + other_semi_major)
                for col, row, other_semi_major in placed):
             return centre_col, centre_row, semi_major, semi_minor
     return None
 
+
+# %% ../nbs/11_synth.ipynb #c4249eb4
+def _scene_classes(rng: np.random.Generator) -> list[int]:
+    "v2: the class (1..6) of each object of a scene, in drawing order."
+    n_classes = 1 + int(rng.choice(len(V2_CLASS_COUNTS), p=V2_CLASS_COUNTS))
+    classes = [int(c) + 1 for c in rng.choice(NUM_SYNTH, n_classes, replace=False)]
+    n_objects = min(V2_MAX_OBJECTS, max(n_classes, 1 + int(rng.poisson(V2_EXTRA_OBJECTS))))
+    classes += [classes[int(k)] for k in rng.integers(0, n_classes, n_objects - n_classes)]
+    return [classes[int(k)] for k in rng.permutation(n_objects)]
+
 # %% ../nbs/11_synth.ipynb #18daedc2
 def _draw_object(rng: np.random.Generator, image: np.ndarray, rows, cols, centre_col, centre_row, semi_major: float,
-                 semi_minor: float) -> tuple:
-    """Draw an object of a random class, turned by a random angle, at its placement into `image` [S, S, 3].
+                 semi_minor: float, cls: int | None = None) -> tuple:
+    """Draw an object of class `cls` (None: a random one), turned by a random angle, at its placement into `image`.
     Returns (window, cls, body, marker): its `_window`, its class 1..6, and its body and marker as boolean masks on
     the window (the marker clipped to the body)."""
-    cls = int(rng.integers(1, NUM_SYNTH + 1))
+    cls = int(rng.integers(1, NUM_SYNTH + 1)) if cls is None else cls
     angle = rng.uniform(0, np.pi)
     window = _window(centre_col, centre_row, semi_major + 1, image.shape[0])
     window_cols, window_rows = cols[window], rows[window]
@@ -246,28 +290,32 @@ def _saliency(rng: np.random.Generator, instances: np.ndarray, class_map: np.nda
 # %% ../nbs/11_synth.ipynb #7491e61d
 _SPLIT_CODE = {"train": 0, "val": 1}  # any other split (e.g. "pretrain") is 2
 
-def synth_sample(seed: int = 0, split: str = "train", index: int = 0, size: int = 128) -> dict:
-    """One SynthVOC scene: `image` uint8 [S,S,3], `mask` uint8 [S,S] (0 bg, 1..6, 255 border), `objects` uint8 [S,S]
+def synth_sample(seed: int = 0, split: str = "train", index: int = 0, size: int = 128,
+                 version: int = LATEST_VERSION) -> dict:
+    """One scene of SynthVOC `version`: `image` uint8 [S,S,3], `mask` uint8 [S,S] (0 bg, 1..6, 255 border), `objects` uint8 [S,S]
     (instance 1..K, 255 border), `instances` (the same without borders), `part` uint8 [S,S] (the class on the pixels of
     discriminative parts), `saliency` uint8 [S,S] (0-255), `label` float32 [6], `info` (per object: class, area, centre
     distance, detected)."""
-    rng = np.random.default_rng([seed, _SPLIT_CODE.get(split, 2), index])
+    check_version(version)
+    entropy = [seed, _SPLIT_CODE.get(split, 2), index] + ([] if version == 1 else [version])
+    rng = np.random.default_rng(entropy)
     scale = size / 128  # sizes are given at 128 px
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
     image = _background(rng, rows, cols, size)
     clutter = _draw_clutter(rng, image, rows, cols, scale)
-    n_objects = int(rng.integers(1, 4))
+    classes = [None] * int(rng.integers(1, 4)) if version == 1 else _scene_classes(rng)  # v1: each draws its own
     placed = []
     class_map = np.zeros((size, size), np.uint8)
     instances = np.zeros((size, size), np.uint8)
     part = np.zeros((size, size), np.uint8)
-    for instance_id in range(1, n_objects + 1):
-        placement = _place_object(rng, placed, size, scale)
+    for instance_id, cls in enumerate(classes, 1):
+        placement = _place_object(rng, placed, size, scale, version)
         if placement is None:
             continue
         centre_col, centre_row, semi_major, semi_minor = placement
         placed.append((centre_col, centre_row, semi_major))
-        window, cls, body, marker = _draw_object(rng, image, rows, cols, centre_col, centre_row, semi_major, semi_minor)
+        window, cls, body, marker = _draw_object(rng, image, rows, cols, centre_col, centre_row, semi_major, semi_minor,
+                                                  cls)
         class_map[window][body] = cls
         instances[window][body] = instance_id
         part[window][body] = 0  # a later object hides the parts of those it covers
@@ -296,8 +344,10 @@ def _rle(mask: np.ndarray) -> dict:
 BENCHMARK_SEED_LIMIT = 1_000_000   # benchmark seeds are below it; getam.train.pretrain's corpora use seeds from it on
 
 def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size: int = 128, fmt: str = "voc",
-                  progress: bool = False) -> Path:
-    "Generate SynthVOC into `out` (VOC layout, or COCO format with `fmt='coco'`); returns `out`."
+                  progress: bool = False, version: int = LATEST_VERSION) -> Path:
+    """Generate SynthVOC `version` into `out` (VOC layout, or COCO format with `fmt='coco'`); returns `out`.
+    `synthvoc.json` names the version (v1's carries no version key, so that v1 stays byte for byte what it was)."""
+    check_version(version)
     if fmt not in ("voc", "coco"):
         raise ValueError(f"unknown format {fmt!r}; valid: voc, coco")
     if not 0 <= seed < BENCHMARK_SEED_LIMIT:
@@ -308,13 +358,14 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, format=fmt, class_names=SYNTH_CLASSES, objects={})
+    if version != 1: meta = dict(version=version, **meta)
     labels, coco = {}, {}
     jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
     if progress:
         jobs = progress_bar(jobs)
     for split, i in jobs:
         name = f"{split}_{i:06d}"
-        sample = synth_sample(seed, split, i, size)
+        sample = synth_sample(seed, split, i, size, version)
         meta["objects"][name] = sample["info"]
         labels[name] = sample["label"]
         write_png(out / "SaliencyMaps" / f"{name}.png", sample["saliency"])
@@ -360,22 +411,31 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
     return out
 
 # %% ../nbs/11_synth.ipynb #cb810faf
-SYNTH_DEFAULTS = dict(seed=0, n_train=512, n_val=128, size=128)   # the benchmark's default settings
+SYNTH_DEFAULTS = dict(seed=0, n_train=512, n_val=128, size=128, version=LATEST_VERSION)  # the benchmark's defaults
+
+def synthvoc_version(root) -> int | None:
+    "The SynthVOC version `root` holds (1 when its `synthvoc.json` names none), None when it holds no SynthVOC."
+    meta_file = Path(root) / "synthvoc.json"
+    if not meta_file.is_file(): return None
+    try: return int(json.loads(meta_file.read_text()).get("version", 1))
+    except (json.JSONDecodeError, ValueError, TypeError): return None
 
 def ensure_synthvoc(out, seed: int | None = None, n_train: int | None = None, n_val: int | None = None,
-                    size: int | None = None, fmt: str = "voc", progress: bool = False) -> Path:
+                    size: int | None = None, fmt: str = "voc", progress: bool = False,
+                    version: int | None = None) -> Path:
     """`out` holding SynthVOC: reused when it matches every setting given, generated (into the same folder) otherwise.
     A setting left at None accepts whatever `out` holds, so a training run never regenerates the benchmark it was
     pointed at; when `out` holds no SynthVOC yet, None means the default (`SYNTH_DEFAULTS`: seed 0, 512 + 128 images of
-    128 px)."""
+    128 px, the latest version)."""
     out = Path(out)
     meta_file = out / "synthvoc.json"
-    want = dict(seed=seed, n_train=n_train, n_val=n_val, size=size)
+    want = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, version=version)
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError:
             meta = {}
+        meta.setdefault("version", 1)  # v1's synthvoc.json predates the key
         if meta.get("format", "voc") == fmt and all(v is None or meta.get(k) == v for k, v in want.items()):
             return out
     elif fmt == "voc" and all(v is None for v in want.values()):
@@ -401,6 +461,78 @@ def object_stats(seed: int = 0, split: str = "val", n: int = 400, size: int = 12
                              part_frac=float((sample["part"][obj_mask] > 0).mean()), fp=fp))
     return rows
 
+# %% ../nbs/11_synth.ipynb #e550036e
+def _voc_scenes(root: Path, split: str, saliency_root: Path | None):
+    "(class mask, instance masks [K, H, W] bool, classes [K], saliency or None) of each image of a VOC-layout `split`."
+    from .images import read_png
+    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    for name in ids:
+        class_mask = read_png(root / "SegmentationClass" / f"{name}.png")
+        objects = read_png(root / "SegmentationObject" / f"{name}.png")
+        instance_ids = [int(i) for i in np.unique(objects) if 0 < i < 255]
+        masks = np.stack([objects == i for i in instance_ids]) if instance_ids else np.zeros((0,) + objects.shape, bool)
+        classes = [int(class_mask[m][0]) for m in masks]
+        saliency = read_png(saliency_root / f"{name}.png") if saliency_root else None
+        yield class_mask, masks, classes, saliency
+
+def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
+    "The same for a COCO root: the class mask drawn from the non-crowd annotations, later ones on top."
+    from pycocotools.coco import COCO
+    from .images import read_png
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()): coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(image_id)[0]
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
+        masks = np.stack([coco.annToMask(a) > 0 for a in anns]) if anns else np.zeros((0, info["height"], info["width"]), bool)
+        class_mask = np.zeros((info["height"], info["width"]), np.uint8)
+        for mask, ann in zip(masks, anns): class_mask[mask] = 1  # foreground; the class of each object is its category
+        stem = Path(info["file_name"]).stem
+        saliency = read_png(saliency_root / f"{stem}.png") if saliency_root else None
+        yield class_mask, masks, [a["category_id"] for a in anns], saliency
+
+def synth_statistics(root, split: str = "train", saliency_root=None, grid: int = 16, limit: int | None = None,
+                     progress: bool = False) -> dict:
+    """The scene statistics of `split` of a VOC-layout or COCO `root` (the first `limit` images): foreground share of
+    the labelled pixels, objects and classes per image, the single-class share, object areas as shares of the image
+    (median, mean, 10th / 90th percentile), tokens of a median object on a `grid` x `grid` token grid, the median
+    image size; with saliency maps, the detector's precision, recall and missed-object share."""
+    import itertools
+    root = Path(root)
+    coco = (root / "annotations" / f"instances_{split}.json").is_file()
+    if not coco and not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
+        raise FileNotFoundError(f"{root}: neither ImageSets/Segmentation/{split}.txt (VOC layout) nor "
+                                f"annotations/instances_{split}.json (COCO); pass the data root and a split it has")
+    if saliency_root is None and (root / "SaliencyMaps").is_dir(): saliency_root = root / "SaliencyMaps"
+    saliency_root = Path(saliency_root) if saliency_root else None
+    scenes = (_coco_scenes if coco else _voc_scenes)(root, split, saliency_root)
+    scenes = itertools.islice(scenes, limit)
+    if progress: scenes = progress_bar(list(scenes))
+    fg = labelled = salient = salient_fg = 0
+    objects, classes, areas, sizes, missed = [], [], [], [], []
+    for class_mask, masks, object_classes, saliency in scenes:
+        valid = class_mask != 255
+        fg_mask = (class_mask > 0) & valid
+        fg, labelled = fg + int(fg_mask.sum()), labelled + int(valid.sum())
+        objects.append(len(masks))
+        classes.append(len(set(object_classes)))
+        areas += [float(m.mean()) for m in masks]
+        sizes.append(class_mask.shape)
+        if saliency is not None:
+            on = saliency > 0
+            salient, salient_fg = salient + int((on & valid).sum()), salient_fg + int((on & fg_mask).sum())
+            missed += [float(on[m].mean()) < 0.5 for m in masks]
+    stats = dict(images=len(objects), fg_share=fg / max(labelled, 1), objects_per_image=float(np.mean(objects)),
+                 classes_per_image=float(np.mean(classes)), single_class_share=float(np.mean(np.array(classes) == 1)),
+                 area_median=float(np.median(areas)), area_mean=float(np.mean(areas)),
+                 area_p10=float(np.percentile(areas, 10)), area_p90=float(np.percentile(areas, 90)),
+                 tokens_median=float(np.median(areas)) * grid * grid,
+                 image_size=[int(v) for v in np.median(np.array(sizes), axis=0)])
+    if saliency_root:
+        stats.update(saliency_precision=salient_fg / max(salient, 1), saliency_recall=salient_fg / max(fg, 1),
+                     objects_missed=float(np.mean(missed)))
+    return stats
+
 # %% ../nbs/11_synth.ipynb #60d15580
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m getam.synth", description="Generate SynthVOC, a deterministic "
@@ -411,14 +543,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-val", type=int, default=128)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--version", type=int, choices=VERSIONS, default=LATEST_VERSION,
+                        help="benchmark version (1: getam 0.1-0.2's SynthVOC, byte for byte)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = setting("synth_root")
     start = time.perf_counter()
     out = make_synthvoc(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, size=args.size,
-                        fmt=args.format, progress=not args.quiet)
-    print(f"SynthVOC ({args.format}, seed {args.seed}): {args.n_train} train + {args.n_val} val images of "
+                        fmt=args.format, progress=not args.quiet, version=args.version)
+    print(f"SynthVOC v{args.version} ({args.format}, seed {args.seed}): {args.n_train} train + {args.n_val} val images of "
           f"{args.size}px in {out} ({time.perf_counter() - start:.1f} s)")
 
 # %% ../nbs/11_synth.ipynb #783b854f

@@ -1,6 +1,6 @@
 """Single-stage training: one double-backward step, single- vs two-forward gradients, exact resume,
 DDP, AMP, bad parameters, the papermill job."""
-import json, math, os, socket
+import dataclasses, json, math, os, socket
 from pathlib import Path
 
 import pytest
@@ -336,18 +336,42 @@ def test_attention_saliency_end_to_end_without_saliency_maps(tiny_synth, tmp_pat
     _check_reported_metrics(r["metrics"], tmp_path / "run", _val_split(voc, "synth"), voc / "SegmentationClassAug")
 
 
+def _notebook_parameters() -> dict:
+    "The parameters cell of nbs/train.ipynb as a dict of its literal values."
+    import ast
+    nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    tree = ast.parse("".join(cell["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body}
+
+
 def test_train_notebook_documents_the_synth_preset():
-    """Every value of the synth preset, fine-tuning (the notebook's default), is shown in brackets
-    in the parameters cell of nbs/train.ipynb."""
+    """Every value of the synth preset is shown in brackets in the parameters cell of nbs/train.ipynb."""
     import ast, re
-    from getam.train.singlestage import FINETUNE, PRESETS
+    from getam.train.singlestage import PRESETS
     nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     shown = {m[1]: m[2] for m in re.finditer(r"^(\w+) = None\s+#.*\[([^\]]+)\]$", "".join(cell["source"]), re.M)}
-    preset = {**PRESETS["synth"], **FINETUNE["synth"]}
-    assert set(shown) == set(preset) and "pretrained = True " in "".join(cell["source"])
+    preset = PRESETS["synth"]
+    assert set(shown) == set(preset)
     for k, v in shown.items():
         assert (v if isinstance(preset[k], str) else ast.literal_eval(v)) == preset[k], k
+
+
+def test_command_line_and_notebook_share_their_defaults():
+    """`python -m getam.train` (and torchrun, which runs the same main) with no option builds exactly the configuration
+    of `papermill nbs/train.ipynb` with no parameter: the same preset, weights, schedule and benchmark version."""
+    from getam.train.singlestage import DEFAULT_PRESET, cli_config, make_config
+    nb = _notebook_parameters()
+    assert nb.pop("preset") == DEFAULT_PRESET == "synth"
+    assert set(nb) <= {f.name for f in dataclasses.fields(TrainConfig)}, "a notebook parameter TrainConfig lacks"
+    cli, notebook = cli_config([]), make_config(preset=DEFAULT_PRESET, **nb)
+    assert dataclasses.asdict(cli) == dataclasses.asdict(notebook)
+    assert (cli.pretrained, cli.patch_size, cli.synth_version, cli.epochs) == (True, 8, 2, 20)
+    # and an option moves both the same way: the from-scratch schedule follows --no-pretrained
+    scratch = cli_config(["--no-pretrained"])
+    assert dataclasses.asdict(scratch) == dataclasses.asdict(make_config(preset=DEFAULT_PRESET, **{**nb, "pretrained": False}))
+    assert (scratch.epochs, scratch.cls_only_frac) == (80, 0.75)
 
 
 @pytest.mark.slow

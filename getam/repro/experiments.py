@@ -25,7 +25,7 @@ from ..config import default_saliency_root, get_settings
 from ..data import LongSideResize, Normalize, load_dataset
 from ..train.multistage import train_deeplab
 from ..synth import ensure_synthvoc
-from ..train.singlestage import FINETUNE, PRESETS, TrainConfig, build_model, make_config, resolve_paths, train
+from ..train.singlestage import PRESETS, TrainConfig, build_model, make_config, resolve_paths, train
 from ..utils import atomic_path, save_weights, seed_everything
 from ..widgets import overlay
 
@@ -155,7 +155,7 @@ RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_
 # development budget for smoke tests, never the reported numbers
 QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)
 # budget of Tables 4 and 6: the main run's fine-tuning schedule
-REDUCED_EPOCHS = FINETUNE["synth"]["epochs"]
+REDUCED_EPOCHS = PRESETS["synth"]["epochs"]
 
 # as getam.train.singlestage records it
 def _jsonable(d: dict) -> dict: return json.loads(json.dumps(d, default=str).replace("NaN", "null"))

@@ -21,7 +21,7 @@ from ..config import setting
 from ..data import Compose, LongSideResize, Normalize, load_dataset
 from .loop import StepContext, fit
 from .schedules import warmup_cosine
-from ..synth import BENCHMARK_SEED_LIMIT, ensure_synthvoc, synth_sample
+from ..synth import BENCHMARK_SEED_LIMIT, LATEST_VERSION, check_version, ensure_synthvoc, synth_sample
 from ..utils import run_cli, save_weights, seed_everything
 
 
@@ -33,18 +33,19 @@ PRETRAIN_SEED = BENCHMARK_SEED_LIMIT   # pretraining corpora use seeds from here
 
 class SceneCorpus(Dataset):
     """`n` generated scenes of the pretraining seed `seed` (≥ `PRETRAIN_SEED`): normalised `image` [3, S, S] with random
-    horizontal and vertical flips, and its image-level `label` [6].
+    horizontal and vertical flips, and its image-level `label` [6], drawn by SynthVOC `version`'s generator.
     Never masks or saliency: an ImageNet of the embedded world.
     Each index is a new scene, so one epoch of `n = steps × batch` items never shows a scene twice."""
     def __init__(self, seed: int = PRETRAIN_SEED, n: int = 76_800, size: int = 128, mean=None, std=None,
-                 flips: bool = True):
+                 flips: bool = True, version: int = LATEST_VERSION):
         if seed < PRETRAIN_SEED:
             raise ValueError(f"seed={seed}: pretraining seeds start at {PRETRAIN_SEED}; "
                              "seeds below it are SynthVOC benchmark seeds")
         self.seed, self.n, self.size, self.flips, self.norm = seed, n, size, flips, Normalize(mean, std)
+        self.version = check_version(version)
     def __len__(self): return self.n
     def __getitem__(self, i: int) -> dict:
-        s = synth_sample(self.seed, "pretrain", i, self.size)
+        s = synth_sample(self.seed, "pretrain", i, self.size, self.version)
         x = self.norm(dict(image=torch.from_numpy(s["image"]).permute(2, 0, 1)))["image"]
         if self.flips and torch.rand(()) < 0.5: x = x.flip(-1)
         if self.flips and torch.rand(()) < 0.5: x = x.flip(-2)
@@ -77,10 +78,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
 
-def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: int = 64) -> float:
-    """Micro F1 of `logit > 0` on the SynthVOC benchmark's val split at `root` (default `synth_root`):
-    a measurement, never training data."""
-    root = ensure_synthvoc(root or setting("synth_root"))
+def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: int = 64,
+                     version: int = LATEST_VERSION) -> float:
+    """Micro F1 of `logit > 0` on the val split of SynthVOC `version` at `root` (default `synth_root`; generated when it
+    holds another version): a measurement, never training data."""
+    root = ensure_synthvoc(root or setting("synth_root"), version=version)
     mean, std = norm_stats(model)
     ds = load_dataset("synth", root, "val", transform=Compose(LongSideResize(size), Normalize(mean, std)))
     items = [ds[i] for i in range(len(ds))]
@@ -91,9 +93,11 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
              lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100, aux_weight: float = 1.0,
              seed: int = PRETRAIN_SEED, size: int = 128, out_dir: str | Path = "runs/pretrain", resume: bool = False,
              threads: int | None = None, num_workers: int = 0, init: str | Path | None = None, val_root=None,
-             progress: bool = True, command: str = "", run_dir: str | Path | None = None) -> dict:
+             progress: bool = True, command: str = "", run_dir: str | Path | None = None,
+             version: int = LATEST_VERSION) -> dict:
     """Pretrain `backbone` (timm name; `arch`: width / depth / heads / patch overrides) as a multi-label classifier on
-    `steps × batch_size` fresh generated scenes of the pretraining seed `seed` (`init`: continue from a weights file).
+    `steps × batch_size` fresh scenes of SynthVOC `version`'s generator from the pretraining seed `seed` (`init`:
+    continue from a weights file; a patch embedding of another patch size is resampled by timm).
     Writes `out_dir/<name><arch suffix>.safetensors` (timm's state-dict format) and a JSON record beside it;
     returns the record. The run's checkpoints and log go to `run_dir` (default `{runs_dir}/pretrain/<name>`),
     so an interrupted run resumes."""
@@ -103,7 +107,7 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
     seed_everything(seed)
     model = create_backbone(backbone, num_classes=NUM_SYNTH, img_size=size, weights=init, **arch)
     mean, std = norm_stats(model)
-    data = SceneCorpus(seed, steps * batch_size, size, mean, std)
+    data = SceneCorpus(seed, steps * batch_size, size, mean, std, version=version)
     out_dir = Path(out_dir)
     name = f"{resolve_name(backbone)}{arch_suffix(arch)}"
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr)
@@ -111,6 +115,7 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
               batch_size=batch_size, lr_at=partial(warmup_cosine, lr=lr, warmup=warmup / steps),
               out_dir=Path(run_dir) if run_dir else Path(setting("runs_dir")) / "pretrain" / name, seed=seed,
               config=dict(backbone=backbone, arch=arch, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          version=version,
                           aux_weight=aux_weight),
               resume=resume, num_workers=num_workers, progress=progress,
               log_fields=("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s"))
@@ -118,13 +123,14 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
     weights = out_dir / f"{name}.safetensors"
     record = dict(file=weights.name, backbone=resolve_name(backbone), arch=arch, num_classes=NUM_SYNTH,
                   img_size=size, mean=list(mean), std=list(std),
-                  corpus=dict(generator="getam.synth.synth_sample", split="pretrain", seed=seed,
+                  corpus=dict(generator="getam.synth.synth_sample", version=version, split="pretrain", seed=seed,
                               scenes=steps * batch_size, labels="image-level only"),
                   steps=run["step"], batch_size=batch_size, lr=lr,
                   weight_decay=weight_decay, warmup=warmup, aux_weight=aux_weight, init=str(init) if init else None,
                   threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 1),
                   final_loss=run["log"][-1]["loss"] if run["log"] else None,
-                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size), 4), command=command)
+                  synthvoc_version=version,
+                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size, version=version), 4), command=command)
     save_weights(weights, model.state_dict(), record, sha256=True)
     return json.loads(weights.with_suffix(".json").read_text())
 
@@ -138,7 +144,8 @@ _HELP = dict(backbone="timm name (or vit | vit_hybrid | deit | deit_distilled)",
              seed=f"corpus seed (at least {PRETRAIN_SEED})", init="continue from this weights file",
              out_dir="where the weights and their record go (getam/weights: shipped)",
              run_dir="checkpoints and log (default: {runs_dir}/pretrain/<name>)",
-             val_root="SynthVOC root of the val micro-F1 (default: settings.ini `synth_root`)")
+             val_root="SynthVOC root of the val micro-F1 (default: settings.ini `synth_root`)",
+             version="SynthVOC version of the corpus and of the val micro-F1")
 
 def _parser() -> argparse.ArgumentParser:
     "`pretrain`'s keywords as options, `arch` as its four `ARCH_KEYS` overrides; `command` is the command line itself."

@@ -24,14 +24,14 @@ from .loop import parse_value, dist_info, fit
 from ..model import GetamSegmenter
 from .schedules import lr_at, phase2_start
 from .step import train_step
-from ..synth import ensure_synthvoc
+from ..synth import LATEST_VERSION, ensure_synthvoc, synthvoc_version
 from ..utils import atomic_path, run_cli, seed_everything
 
 
 # %% auto #0
-__all__ = ['CHOICES', 'PRESETS', 'FINETUNE', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config', 'resolve_paths',
-           'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs', 'arg_parser',
-           'main']
+__all__ = ['CHOICES', 'PRESETS', 'FROM_SCRATCH', 'DEFAULT_PRESET', 'LOG_FIELDS', 'TrainConfig', 'make_config', 'check_config',
+           'resolve_paths', 'build_model', 'build_optimizer', 'build_datasets', 'train', 'plot_curves', 'field_docs',
+           'arg_parser', 'cli_config', 'main']
 
 # %% ../../nbs/55_singlestage.ipynb #932934e2
 @dataclass
@@ -48,6 +48,7 @@ class TrainConfig:
     supervision: str = "pseudo"       # pseudo: GETAM pseudo labels (the method) | gt: ground-truth masks (the oracle)
     limit_train: int | None = None    # use only the first N training images (quick runs, tests)
     limit_val: int | None = None      # evaluate on the first N validation images
+    synth_version: int = LATEST_VERSION  # SynthVOC version of dataset=synth (generated if absent; 1: getam 0.1-0.2's)
     # model
     backbone: str = "vit_tiny_patch16_224"  # a timm ViT name or vit | vit_hybrid | deit | deit_distilled
     pretrained: bool = False          # load pretrained backbone weights: weights_dir, then the shipped ones (offline)
@@ -128,19 +129,20 @@ CHOICES = dict(dataset=DATASETS, saliency=SALIENCY_SOURCES, supervision=("pseudo
 PRESETS = {"released": dict(batch_size=4, crop_size=256, resize_range=(230, 292), lr=0.04, epochs=20, cls_only_frac=0.5,
                             momentum=0.9, weight_decay=5e-4, poly_power=0.9, phase2_lr_scale=0.1, seg_loss="split",
                             cls_head="pooled", gamma=32.0, alpha=0.9, use_pamr=True, optimizer="sgd", warmup_steps=0),
-           "synth": dict(backbone="vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=6, num_heads=2,
-                         head_stride=4, crop_size=128, batch_size=16, epochs=80, cls_only_frac=0.75, optimizer="adamw",
-                         lr=1e-3, weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0, decoder_lr_mult=10.0)}
-# A preset's schedule when it fine-tunes pretrained weights (`pretrained=True`): the synth ViT's weights come from
-# getam.train.pretrain and need no long classification phase; from scratch (`pretrained=False`) the preset's own
-# schedule holds.
-FINETUNE = {"synth": dict(epochs=20, cls_only_frac=0.25)}
+           "synth": dict(backbone="vit_tiny_patch16_224", patch_size=8, embed_dim=64, depth=6, num_heads=2,
+                         pretrained=True, head_stride=4, crop_size=128, batch_size=16, epochs=20, cls_only_frac=0.25,
+                         optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=100, phase2_lr_scale=1.0,
+                         decoder_lr_mult=10.0, eval_every=5)}
+# A preset's schedule from random weights (`pretrained=False`, no `weights`): a ViT that has not learnt to classify
+# yet needs a long classification phase before its maps mean anything.
+FROM_SCRATCH = {"synth": dict(epochs=80, cls_only_frac=0.75)}
+DEFAULT_PRESET = "synth"  # the preset of `python -m getam.train`, torchrun and nbs/train.ipynb when none is named
 
 def make_config(preset: str | None = None, **kw) -> TrainConfig:
     """A checked `TrainConfig`: the defaults, then the `preset`, then every keyword that is not None (None = keep the
-    preset's value or the default). A preset's architecture overrides stay with `pretrained=True`: the weights are then
-    looked up under the overridden architecture's name (`getam.backbones.weights_candidates`), e.g. the shipped ones,
-    and the preset's fine-tuning schedule (`FINETUNE`) replaces its from-scratch one."""
+    preset's value or the default). The synth preset fine-tunes the shipped weights, looked up under its architecture's
+    name (`getam.backbones.weights_candidates`); with `pretrained=False` (and no `weights`) its from-scratch schedule
+    (`FROM_SCRATCH`) replaces the fine-tuning one."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if bad := sorted(set(kw) - names):
         raise ValueError(f"unknown parameter(s) {bad}; valid: {', '.join(sorted(names))}")
@@ -148,7 +150,8 @@ def make_config(preset: str | None = None, **kw) -> TrainConfig:
         raise ValueError(f"preset={preset!r}; valid: {', '.join(map(str, CHOICES['preset']))}")
     given = {k: v for k, v in kw.items() if v is not None}
     base = dict(PRESETS[preset]) if preset else {}
-    if given.get("pretrained") and preset in FINETUNE: base.update(FINETUNE[preset])
+    if given.get("pretrained") is False and not given.get("weights") and preset in FROM_SCRATCH:
+        base.update(FROM_SCRATCH[preset])
     vals = {**base, **given}
     if preset == "released" and given.get("dataset") == "coco" and "alpha" not in given: vals["alpha"] = 0.95
     cfg = TrainConfig(**vals, preset=preset)
@@ -243,6 +246,15 @@ def train(cfg: TrainConfig | None = None, *, train_ds: Dataset | None = None, va
     finally:
         if own_pg: dist.destroy_process_group()
 
+def _ensure_synth(root: Path, version: int) -> Path:
+    "SynthVOC `version` at `root`, generated if absent; a ValueError if `root` holds another version (never overwritten)."
+    held = synthvoc_version(root)
+    if held is not None and held != version:
+        raise ValueError(f"{root} holds SynthVOC v{held}, and this run expects v{version} (synth_version={version}). "
+                         f"Generate v{version} elsewhere (python -m getam.synth --out DIR --version {version}) and pass "
+                         f"data_root=DIR, or pass synth_version={held} to train on what {root} holds")
+    return ensure_synthvoc(root, version=version)
+
 def _barrier(world):
     if world > 1: dist.barrier()
 
@@ -253,6 +265,12 @@ def _data(cfg: TrainConfig, paths: dict, train_ds, val_ds, pseudo_ds) -> tuple:
     mean, std = norm_stats(build_model(cfg, 1).backbone) if cfg.pretrained or cfg.weights else (None, None)
     train_ds, full_ds, v_ds = build_datasets(cfg, paths, mean, std)
     return train_ds, (val_ds if val_ds is not None else v_ds), (pseudo_ds if pseudo_ds is not None else full_ds)
+
+def _benchmark_name(cfg: TrainConfig, root: Path) -> str:
+    "What the run was trained on, for its tables: `SynthVOC v2` (the version `root` holds), else the data set's name."
+    if cfg.dataset != "synth": return cfg.dataset
+    version = synthvoc_version(root)
+    return f"SynthVOC v{version}" if version else "synth"
 
 def _fit(cfg: TrainConfig, model: GetamSegmenter, train_ds, val_ds, out_dir: Path, device, rank: int) -> dict:
     "The run through `getam.train.loop.fit`: the single-stage step and its schedule, with the settings of `cfg`."
@@ -279,7 +297,7 @@ def _pseudo_metrics(cfg: TrainConfig, model: GetamSegmenter, pseudo_ds, out_dir:
 def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> dict:
     paths = resolve_paths(cfg)
     out_dir = paths["out_dir"]
-    if cfg.dataset == "synth" and train_ds is None and rank == 0: ensure_synthvoc(paths["root"])
+    if cfg.dataset == "synth" and train_ds is None and rank == 0: _ensure_synth(paths["root"], cfg.synth_version)
     _barrier(world)
     seed_everything(cfg.seed)
     train_ds, val_ds, pseudo_ds = _data(cfg, paths, train_ds, val_ds, pseudo_ds)
@@ -297,7 +315,7 @@ def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> di
     show = cfg.progress
     metrics = dict(dataset=cfg.dataset, backbone=cfg.backbone, epochs=cfg.epochs, supervision=cfg.supervision,
                    steps=run["step"], batch_size=cfg.batch_size, crop_size=cfg.crop_size, world_size=world,
-                   n_train=len(train_ds),
+                   n_train=len(train_ds), benchmark=_benchmark_name(cfg, paths["root"]),
                    final_loss=log[-1]["loss"] if log else None, train_time_s=round(run["train_time_s"], 1))
     if pseudo_ds is not None and cfg.write_pseudo and cfg.supervision == "pseudo":
         metrics.update(_pseudo_metrics(cfg, model, pseudo_ds, out_dir, device, class_names))
@@ -378,7 +396,8 @@ def arg_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (only options given on the command line are set)."
     p = argparse.ArgumentParser(prog="python -m getam.train",
                                 description="GETAM single-stage training (also under torchrun). Options not given "
-                                            "come from --preset (released | synth), else from the defaults shown.",
+                                            f"come from --preset (released | synth; default {DEFAULT_PRESET}; none: "
+                                            "the defaults shown), else from the defaults shown.",
                                 argument_default=argparse.SUPPRESS)
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
@@ -389,9 +408,12 @@ def arg_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../../nbs/55_singlestage.ipynb #d487a4c4
+def cli_config(argv: list[str] | None = None) -> TrainConfig:
+    "The `TrainConfig` of a command line: `make_config` of its options, with `DEFAULT_PRESET` unless `--preset` is given."
+    return make_config(**{"preset": DEFAULT_PRESET, **vars(arg_parser().parse_args(argv))})
+
 def main(argv: list[str] | None = None) -> dict:
-    a = vars(arg_parser().parse_args(argv))
-    res = train(make_config(**a))
+    res = train(cli_config(argv))
     if res["metrics"]: print(json.dumps({k: v for k, v in res["metrics"].items() if not isinstance(v, dict)}, indent=1))
     return res
 
