@@ -292,7 +292,8 @@ _SPLIT_CODE = {"train": 0, "val": 1}  # any other split (e.g. "pretrain") is 2
 
 def synth_sample(seed: int = 0, split: str = "train", index: int = 0, size: int = 128,
                  version: int = LATEST_VERSION) -> dict:
-    """One scene of SynthVOC `version`: `image` uint8 [S,S,3], `mask` uint8 [S,S] (0 bg, 1..6, 255 border), `objects` uint8 [S,S]
+    """One scene of SynthVOC `version`:
+    `image` uint8 [S,S,3], `mask` uint8 [S,S] (0 bg, 1..6, 255 border), `objects` uint8 [S,S]
     (instance 1..K, 255 border), `instances` (the same without borders), `part` uint8 [S,S] (the class on the pixels of
     discriminative parts), `saliency` uint8 [S,S] (0-255), `label` float32 [6], `info` (per object: class, area, centre
     distance, detected)."""
@@ -343,10 +344,8 @@ def _rle(mask: np.ndarray) -> dict:
 # %% ../nbs/11_synth.ipynb #55a8f949
 BENCHMARK_SEED_LIMIT = 1_000_000   # benchmark seeds are below it; getam.train.pretrain's corpora use seeds from it on
 
-def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size: int = 128, fmt: str = "voc",
-                  progress: bool = False, version: int = LATEST_VERSION) -> Path:
-    """Generate SynthVOC `version` into `out` (VOC layout, or COCO format with `fmt='coco'`); returns `out`.
-    `synthvoc.json` names the version (v1's carries no version key, so that v1 stays byte for byte what it was)."""
+def _check_synth_settings(seed: int, size: int, fmt: str, version: int) -> None:
+    "A ValueError naming the setting when `make_synthvoc` cannot make these."
     check_version(version)
     if fmt not in ("voc", "coco"):
         raise ValueError(f"unknown format {fmt!r}; valid: voc, coco")
@@ -355,57 +354,68 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
                          "reserved for pretraining corpora (getam.train.pretrain)")
     if size < 32:
         raise ValueError(f"size={size}: expected at least 32 pixels")
+
+def _write_voc_scene(out: Path, name: str, sample: dict) -> None:
+    "The VOC-layout files of one scene: the JPEG, the class masks (plain and palette) and the instance mask."
+    write_jpeg(out / "JPEGImages" / f"{name}.jpg", sample["image"], quality=95, subsampling=0)
+    write_png(out / "SegmentationClassAug" / f"{name}.png", sample["mask"])
+    write_palette_png(out / "SegmentationClass" / f"{name}.png", sample["mask"], PALETTE)
+    write_palette_png(out / "SegmentationObject" / f"{name}.png", sample["objects"], PALETTE)
+
+def _add_coco_scene(split_json: dict, name: str, sample: dict, size: int) -> None:
+    "One scene's COCO image entry and its objects' annotations (RLE, area, bbox), appended to `split_json`."
+    image_id = len(split_json["images"]) + 1
+    split_json["images"].append(dict(id=image_id, file_name=f"{name}.jpg", height=size, width=size))
+    for obj in sample["info"]:
+        obj_mask = sample["instances"] == obj["instance"]
+        rows, cols = np.nonzero(obj_mask)
+        bbox = [float(cols.min()), float(rows.min()),
+                float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1)]
+        split_json["annotations"].append(dict(
+            id=len(split_json["annotations"]) + 1, image_id=image_id, category_id=obj["cls"],
+            segmentation=_rle(obj_mask), area=float(obj_mask.sum()), bbox=bbox, iscrowd=0))
+
+def _write_voc_index(out: Path, n_train: int, n_val: int, labels: dict) -> None:
+    "The image sets (train, train_aug = train, val) and `cls_labels.npy` of the VOC layout."
+    image_sets = out / "ImageSets" / "Segmentation"
+    image_sets.mkdir(parents=True, exist_ok=True)
+    train_ids = "".join(f"train_{i:06d}\n" for i in range(n_train))
+    val_ids = "".join(f"val_{i:06d}\n" for i in range(n_val))
+    for set_name, ids in [("train", train_ids), ("train_aug", train_ids), ("val", val_ids)]:
+        with atomic_path(image_sets / f"{set_name}.txt") as tmp:
+            tmp.write_text(ids)
+    with atomic_path(out / "cls_labels.npy") as tmp:
+        with open(tmp, "wb") as file:
+            np.save(file, labels, allow_pickle=True)
+
+def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size: int = 128, fmt: str = "voc",
+                  progress: bool = False, version: int = LATEST_VERSION) -> Path:
+    """Generate SynthVOC `version` into `out` (VOC layout, or COCO format with `fmt='coco'`); returns `out`.
+    `synthvoc.json` names the version (v1's carries no version key, so that v1 stays byte for byte what it was)."""
+    _check_synth_settings(seed, size, fmt, version)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(seed=seed, n_train=n_train, n_val=n_val, size=size, format=fmt, class_names=SYNTH_CLASSES, objects={})
     if version != 1: meta = dict(version=version, **meta)
+    categories = [dict(id=c, name=n, supercategory="synth") for c, n in enumerate(SYNTH_CLASSES) if c]
     labels, coco = {}, {}
     jobs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
-    if progress:
-        jobs = progress_bar(jobs)
-    for split, i in jobs:
+    for split, i in progress_bar(jobs) if progress else jobs:
         name = f"{split}_{i:06d}"
         sample = synth_sample(seed, split, i, size, version)
         meta["objects"][name] = sample["info"]
         labels[name] = sample["label"]
         write_png(out / "SaliencyMaps" / f"{name}.png", sample["saliency"])
         write_png(out / "SegmentationPart" / f"{name}.png", sample["part"])
-        if fmt == "voc":
-            write_jpeg(out / "JPEGImages" / f"{name}.jpg", sample["image"], quality=95, subsampling=0)
-            write_png(out / "SegmentationClassAug" / f"{name}.png", sample["mask"])
-            write_palette_png(out / "SegmentationClass" / f"{name}.png", sample["mask"], PALETTE)
-            write_palette_png(out / "SegmentationObject" / f"{name}.png", sample["objects"], PALETTE)
+        if fmt == "voc": _write_voc_scene(out, name, sample)
         else:
             write_jpeg(out / split / f"{name}.jpg", sample["image"], quality=95, subsampling=0)
-            if split not in coco:
-                categories = [dict(id=c, name=n, supercategory="synth") for c, n in enumerate(SYNTH_CLASSES) if c]
-                coco[split] = dict(images=[], annotations=[], categories=categories)
-            split_json = coco[split]
-            image_id = len(split_json["images"]) + 1
-            split_json["images"].append(dict(id=image_id, file_name=f"{name}.jpg", height=size, width=size))
-            for obj in sample["info"]:
-                obj_mask = sample["instances"] == obj["instance"]
-                rows, cols = np.nonzero(obj_mask)
-                bbox = [float(cols.min()), float(rows.min()),
-                        float(cols.max() - cols.min() + 1), float(rows.max() - rows.min() + 1)]
-                split_json["annotations"].append(dict(
-                    id=len(split_json["annotations"]) + 1, image_id=image_id, category_id=obj["cls"],
-                    segmentation=_rle(obj_mask), area=float(obj_mask.sum()), bbox=bbox, iscrowd=0))
-    if fmt == "voc":
-        image_sets = out / "ImageSets" / "Segmentation"
-        image_sets.mkdir(parents=True, exist_ok=True)
-        train_ids = "".join(f"train_{i:06d}\n" for i in range(n_train))
-        val_ids = "".join(f"val_{i:06d}\n" for i in range(n_val))
-        for set_name, ids in [("train", train_ids), ("train_aug", train_ids), ("val", val_ids)]:
-            with atomic_path(image_sets / f"{set_name}.txt") as tmp:
-                tmp.write_text(ids)
-        with atomic_path(out / "cls_labels.npy") as tmp:
-            with open(tmp, "wb") as file:
-                np.save(file, labels, allow_pickle=True)
-    else:
-        for split, split_json in coco.items():
-            with atomic_path(out / "annotations" / f"instances_{split}.json") as tmp:
-                tmp.write_text(json.dumps(split_json))
+            split_json = coco.setdefault(split, dict(images=[], annotations=[], categories=categories))
+            _add_coco_scene(split_json, name, sample, size)
+    if fmt == "voc": _write_voc_index(out, n_train, n_val, labels)
+    for split, split_json in coco.items():
+        with atomic_path(out / "annotations" / f"instances_{split}.json") as tmp:
+            tmp.write_text(json.dumps(split_json))
     with atomic_path(out / "synthvoc.json") as tmp:
         tmp.write_text(json.dumps(meta))
     return out
@@ -484,8 +494,9 @@ def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
     for image_id in sorted(coco.getImgIds()):
         info = coco.loadImgs(image_id)[0]
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
-        masks = np.stack([coco.annToMask(a) > 0 for a in anns]) if anns else np.zeros((0, info["height"], info["width"]), bool)
-        class_mask = np.zeros((info["height"], info["width"]), np.uint8)
+        shape = (info["height"], info["width"])
+        masks = np.stack([coco.annToMask(a) > 0 for a in anns]) if anns else np.zeros((0, *shape), bool)
+        class_mask = np.zeros(shape, np.uint8)
         for mask, ann in zip(masks, anns): class_mask[mask] = 1  # foreground; the class of each object is its category
         stem = Path(info["file_name"]).stem
         saliency = read_png(saliency_root / f"{stem}.png") if saliency_root else None
@@ -552,8 +563,8 @@ def main(argv: list[str] | None = None):
     start = time.perf_counter()
     out = make_synthvoc(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, size=args.size,
                         fmt=args.format, progress=not args.quiet, version=args.version)
-    print(f"SynthVOC v{args.version} ({args.format}, seed {args.seed}): {args.n_train} train + {args.n_val} val images of "
-          f"{args.size}px in {out} ({time.perf_counter() - start:.1f} s)")
+    print(f"SynthVOC v{args.version} ({args.format}, seed {args.seed}): {args.n_train} train + {args.n_val} val "
+          f"images of {args.size}px in {out} ({time.perf_counter() - start:.1f} s)")
 
 # %% ../nbs/11_synth.ipynb #783b854f
 if __name__ == "__main__": run_cli(main)

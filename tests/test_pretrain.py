@@ -71,12 +71,13 @@ SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "getam" 
 
 
 def test_every_family_of_table4_ships_weights_within_budget():
-    """The synth ViT, the tiny hybrid and DeiT-distilled at the preset's width, depth and heads;
-    about 10 MB in all at most."""
+    """The synth ViT, the tiny hybrid and DeiT-distilled at the preset's width, depth and heads, at SynthVOC v2's
+    16 x 16 grid (patch 8; the hybrid: stem stride 4, patch 2) and at v1's 8 x 8 grid (patch 16; the hybrid: patch 4),
+    so that `synth_version=1 patch_size=16` reproduces getam 0.2; 10 MB in all at most."""
     from getam.backbones import SHIPPED_WEIGHTS
-    assert SHIPPED == ["deit_tiny_distilled_patch16_224-p16-w64-d6-h2",
-                       "vit_tiny_patch16_224-p16-w64-d6-h2",
-                       "vit_tiny_r_s16_p8_224-p4-w64-d6-h2"]
+    assert SHIPPED == ["deit_tiny_distilled_patch16_224-p16-w64-d6-h2", "deit_tiny_distilled_patch16_224-p8-w64-d6-h2",
+                       "vit_tiny_patch16_224-p16-w64-d6-h2", "vit_tiny_patch16_224-p8-w64-d6-h2",
+                       "vit_tiny_r_s16_p8_224-p2-w64-d6-h2", "vit_tiny_r_s16_p8_224-p4-w64-d6-h2"]
     assert sum(p.stat().st_size for p in SHIPPED_WEIGHTS.iterdir()) < 10e6
 
 
@@ -90,8 +91,16 @@ def test_shipped_weights_load_offline_bit_for_bit(name, tmp_path):
     assert rec["file"] == f"{name}.safetensors"
     assert hashlib.sha256((SHIPPED_WEIGHTS / rec["file"]).read_bytes()).hexdigest() == rec["sha256"]
     assert rec["corpus"]["seed"] >= BENCHMARK_SEED_LIMIT and rec["corpus"]["labels"] == "image-level only"
-    # the record names the command as it was run, before the room move (now python -m getam.train.pretrain)
-    assert rec["command"].startswith(f"python -m getam.pretrain --backbone {rec['backbone']}")
+    # the corpus's SynthVOC version: v1's records predate the key; v2's name it, continue from the v1 file of their
+    # family (the patch embedding resampled by timm) and measure the val micro-F1 on v2
+    version = rec["corpus"].get("version", 1)
+    assert version == (2 if rec["arch"]["patch_size"] in (2, 8) else 1)
+    assert rec.get("synthvoc_version", 1) == version
+    # the record names the command as it was run (v1's before the room move: python -m getam.pretrain)
+    module = "getam.pretrain" if version == 1 else "getam.train.pretrain"
+    assert rec["command"].startswith(f"python -m {module} --backbone {rec['backbone']}")
+    if version == 2:
+        assert Path(rec["init"]).name.startswith(rec["backbone"]) and Path(rec["init"]).name != rec["file"]
     # the ViT's target; the others: well above chance
     assert rec["synthvoc_val_micro_f1"] >= (0.95 if name.startswith("vit_tiny_patch16") else 0.8)
     sd = load_file(str(SHIPPED_WEIGHTS / rec["file"]))

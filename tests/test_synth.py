@@ -248,7 +248,8 @@ def test_generator_output_is_pinned(tmp_path):
         "val": _samples_sha256([(0, "val", i, 128, 1) for i in range(10)]),
         "pretrain": _samples_sha256([(pretrain, "pretrain", i, 128, 1) for i in range(10)]
                                     + [(pretrain + 1, "pretrain", 3, 128, 1)]),
-        "sizes": _samples_sha256([(0, "train", i, 64, 1) for i in range(4)] + [(5, "val", i, 200, 1) for i in range(3)]),
+        "sizes": _samples_sha256([(0, "train", i, 64, 1) for i in range(4)]
+                                 + [(5, "val", i, 200, 1) for i in range(3)]),
         "voc": _tree_sha256(make_synthvoc(tmp_path / "voc", seed=0, n_train=6, n_val=3, version=1)),
         "coco": _tree_sha256(make_synthvoc(tmp_path / "coco", seed=0, n_train=6, n_val=3, fmt="coco", version=1)),
     }

@@ -370,7 +370,8 @@ def test_command_line_and_notebook_share_their_defaults():
     assert (cli.pretrained, cli.patch_size, cli.synth_version, cli.epochs) == (True, 8, 2, 20)
     # and an option moves both the same way: the from-scratch schedule follows --no-pretrained
     scratch = cli_config(["--no-pretrained"])
-    assert dataclasses.asdict(scratch) == dataclasses.asdict(make_config(preset=DEFAULT_PRESET, **{**nb, "pretrained": False}))
+    from_notebook = make_config(preset=DEFAULT_PRESET, **{**nb, "pretrained": False})
+    assert dataclasses.asdict(scratch) == dataclasses.asdict(from_notebook)
     assert (scratch.epochs, scratch.cls_only_frac) == (80, 0.75)
 
 

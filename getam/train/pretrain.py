@@ -130,7 +130,8 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
                   threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 1),
                   final_loss=run["log"][-1]["loss"] if run["log"] else None,
                   synthvoc_version=version,
-                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size, version=version), 4), command=command)
+                  synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size, version=version), 4),
+                  command=command)
     save_weights(weights, model.state_dict(), record, sha256=True)
     return json.loads(weights.with_suffix(".json").read_text())
 

@@ -247,12 +247,12 @@ def train(cfg: TrainConfig | None = None, *, train_ds: Dataset | None = None, va
         if own_pg: dist.destroy_process_group()
 
 def _ensure_synth(root: Path, version: int) -> Path:
-    "SynthVOC `version` at `root`, generated if absent; a ValueError if `root` holds another version (never overwritten)."
+    "SynthVOC `version` at `root`, generated if absent; a ValueError if `root` holds another one (never overwritten)."
     held = synthvoc_version(root)
     if held is not None and held != version:
         raise ValueError(f"{root} holds SynthVOC v{held}, and this run expects v{version} (synth_version={version}). "
-                         f"Generate v{version} elsewhere (python -m getam.synth --out DIR --version {version}) and pass "
-                         f"data_root=DIR, or pass synth_version={held} to train on what {root} holds")
+                         f"Generate v{version} elsewhere (python -m getam.synth --out DIR --version {version}) "
+                         f"and pass data_root=DIR, or pass synth_version={held} to train on what {root} holds")
     return ensure_synthvoc(root, version=version)
 
 def _barrier(world):
@@ -409,7 +409,7 @@ def arg_parser() -> argparse.ArgumentParser:
 
 # %% ../../nbs/55_singlestage.ipynb #d487a4c4
 def cli_config(argv: list[str] | None = None) -> TrainConfig:
-    "The `TrainConfig` of a command line: `make_config` of its options, with `DEFAULT_PRESET` unless `--preset` is given."
+    "The `TrainConfig` of a command line: `make_config` of its options; `DEFAULT_PRESET` unless `--preset` is given."
     return make_config(**{"preset": DEFAULT_PRESET, **vars(arg_parser().parse_args(argv))})
 
 def main(argv: list[str] | None = None) -> dict:
