@@ -290,6 +290,27 @@ def _saliency(rng: np.random.Generator, instances: np.ndarray, class_map: np.nda
 # %% ../nbs/11_synth.ipynb #7491e61d
 _SPLIT_CODE = {"train": 0, "val": 1}  # any other split (e.g. "pretrain") is 2
 
+def _draw_objects(rng: np.random.Generator, image: np.ndarray, rows, cols, classes: list, scale: float,
+                  version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place and draw one object per entry of `classes` (None: the object draws its own class) into `image`, in order,
+    a later one on top. Returns (class map, instance map, part map), uint8 [S, S]; an object with no room is left out."""
+    size = image.shape[0]
+    placed = []
+    class_map, instances, part = (np.zeros((size, size), np.uint8) for _ in range(3))
+    for instance_id, cls in enumerate(classes, 1):
+        placement = _place_object(rng, placed, size, scale, version)
+        if placement is None:
+            continue
+        centre_col, centre_row, semi_major, semi_minor = placement
+        placed.append((centre_col, centre_row, semi_major))
+        window, cls, body, marker = _draw_object(rng, image, rows, cols, centre_col, centre_row, semi_major, semi_minor,
+                                                  cls)
+        class_map[window][body] = cls
+        instances[window][body] = instance_id
+        part[window][body] = 0  # a later object hides the parts of those it covers
+        part[window][marker] = cls
+    return class_map, instances, part
+
 def synth_sample(seed: int = 0, split: str = "train", index: int = 0, size: int = 128,
                  version: int = LATEST_VERSION) -> dict:
     """One scene of SynthVOC `version`:
@@ -305,22 +326,7 @@ def synth_sample(seed: int = 0, split: str = "train", index: int = 0, size: int 
     image = _background(rng, rows, cols, size)
     clutter = _draw_clutter(rng, image, rows, cols, scale)
     classes = [None] * int(rng.integers(1, 4)) if version == 1 else _scene_classes(rng)  # v1: each draws its own
-    placed = []
-    class_map = np.zeros((size, size), np.uint8)
-    instances = np.zeros((size, size), np.uint8)
-    part = np.zeros((size, size), np.uint8)
-    for instance_id, cls in enumerate(classes, 1):
-        placement = _place_object(rng, placed, size, scale, version)
-        if placement is None:
-            continue
-        centre_col, centre_row, semi_major, semi_minor = placement
-        placed.append((centre_col, centre_row, semi_major))
-        window, cls, body, marker = _draw_object(rng, image, rows, cols, centre_col, centre_row, semi_major, semi_minor,
-                                                  cls)
-        class_map[window][body] = cls
-        instances[window][body] = instance_id
-        part[window][body] = 0  # a later object hides the parts of those it covers
-        part[window][marker] = cls
+    class_map, instances, part = _draw_objects(rng, image, rows, cols, classes, scale, version)
     noise = rng.standard_normal(image.shape, dtype=np.float32) * 5
     image = np.clip(image + noise, 0, 255).astype(np.uint8)
     instance_ids = [int(i) for i in np.unique(instances) if i > 0]
@@ -502,6 +508,17 @@ def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
         saliency = read_png(saliency_root / f"{stem}.png") if saliency_root else None
         yield class_mask, masks, [a["category_id"] for a in anns], saliency
 
+def _scenes_of(root: Path, split: str, saliency_root) -> tuple:
+    """(the scenes of `split`, from `_voc_scenes` or `_coco_scenes` by what `root` holds; the saliency root: the one
+    given, else `root/SaliencyMaps` if it exists, else None)."""
+    coco = (root / "annotations" / f"instances_{split}.json").is_file()
+    if not coco and not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
+        raise FileNotFoundError(f"{root}: neither ImageSets/Segmentation/{split}.txt (VOC layout) nor "
+                                f"annotations/instances_{split}.json (COCO); pass the data root and a split it has")
+    if saliency_root is None and (root / "SaliencyMaps").is_dir(): saliency_root = root / "SaliencyMaps"
+    saliency_root = Path(saliency_root) if saliency_root else None
+    return (_coco_scenes if coco else _voc_scenes)(root, split, saliency_root), saliency_root
+
 def synth_statistics(root, split: str = "train", saliency_root=None, grid: int = 16, limit: int | None = None,
                      progress: bool = False) -> dict:
     """The scene statistics of `split` of a VOC-layout or COCO `root` (the first `limit` images): foreground share of
@@ -509,14 +526,7 @@ def synth_statistics(root, split: str = "train", saliency_root=None, grid: int =
     (median, mean, 10th / 90th percentile), tokens of a median object on a `grid` x `grid` token grid, the median
     image size; with saliency maps, the detector's precision, recall and missed-object share."""
     import itertools
-    root = Path(root)
-    coco = (root / "annotations" / f"instances_{split}.json").is_file()
-    if not coco and not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
-        raise FileNotFoundError(f"{root}: neither ImageSets/Segmentation/{split}.txt (VOC layout) nor "
-                                f"annotations/instances_{split}.json (COCO); pass the data root and a split it has")
-    if saliency_root is None and (root / "SaliencyMaps").is_dir(): saliency_root = root / "SaliencyMaps"
-    saliency_root = Path(saliency_root) if saliency_root else None
-    scenes = (_coco_scenes if coco else _voc_scenes)(root, split, saliency_root)
+    scenes, saliency_root = _scenes_of(Path(root), split, saliency_root)
     scenes = itertools.islice(scenes, limit)
     if progress: scenes = progress_bar(list(scenes))
     fg = labelled = salient = salient_fg = 0

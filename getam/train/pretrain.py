@@ -26,7 +26,8 @@ from ..utils import run_cli, save_weights, seed_everything
 
 
 # %% auto #0
-__all__ = ['PRETRAIN_SEED', 'SceneCorpus', 'PatchMaxHead', 'pretrain_step', 'benchmark_val_f1', 'pretrain', 'main']
+__all__ = ['PRETRAIN_SEED', 'PRETRAIN_LOG_FIELDS', 'SceneCorpus', 'PatchMaxHead', 'pretrain_step', 'benchmark_val_f1', 'pretrain',
+           'main']
 
 # %% ../../nbs/58_pretrain.ipynb #17d7031b
 PRETRAIN_SEED = BENCHMARK_SEED_LIMIT   # pretraining corpora use seeds from here on; benchmarks use seeds below it
@@ -89,6 +90,8 @@ def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: i
     return multilabel_f1(model, torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
                          batch_size)
 
+PRETRAIN_LOG_FIELDS = ("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s")  # the columns of its log.csv
+
 def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, steps: int = 2400, batch_size: int = 32,
              lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100, aux_weight: float = 1.0,
              seed: int = PRETRAIN_SEED, size: int = 128, out_dir: str | Path = "runs/pretrain", resume: bool = False,
@@ -102,34 +105,29 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
     returns the record. The run's checkpoints and log go to `run_dir` (default `{runs_dir}/pretrain/<name>`),
     so an interrupted run resumes."""
     if threads: torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    arch = dict(arch or {})
+    t0, arch = time.perf_counter(), dict(arch or {})
     seed_everything(seed)
     model = create_backbone(backbone, num_classes=NUM_SYNTH, img_size=size, weights=init, **arch)
     mean, std = norm_stats(model)
     data = SceneCorpus(seed, steps * batch_size, size, mean, std, version=version)
-    out_dir = Path(out_dir)
-    name = f"{resolve_name(backbone)}{arch_suffix(arch)}"
+    out_dir, name = Path(out_dir), f"{resolve_name(backbone)}{arch_suffix(arch)}"
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr)
     run = fit(partial(pretrain_step, aux_weight=aux_weight), PatchMaxHead(model), opt, data, epochs=1,
               batch_size=batch_size, lr_at=partial(warmup_cosine, lr=lr, warmup=warmup / steps),
               out_dir=Path(run_dir) if run_dir else Path(setting("runs_dir")) / "pretrain" / name, seed=seed,
               config=dict(backbone=backbone, arch=arch, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                          version=version,
-                          aux_weight=aux_weight),
-              resume=resume, num_workers=num_workers, progress=progress,
-              log_fields=("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s"))
+                          version=version, aux_weight=aux_weight),
+              resume=resume, num_workers=num_workers, progress=progress, log_fields=PRETRAIN_LOG_FIELDS)
     model.eval()
     weights = out_dir / f"{name}.safetensors"
     record = dict(file=weights.name, backbone=resolve_name(backbone), arch=arch, num_classes=NUM_SYNTH,
                   img_size=size, mean=list(mean), std=list(std),
                   corpus=dict(generator="getam.synth.synth_sample", version=version, split="pretrain", seed=seed,
                               scenes=steps * batch_size, labels="image-level only"),
-                  steps=run["step"], batch_size=batch_size, lr=lr,
-                  weight_decay=weight_decay, warmup=warmup, aux_weight=aux_weight, init=str(init) if init else None,
+                  steps=run["step"], batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                  aux_weight=aux_weight, init=str(init) if init else None,
                   threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 1),
-                  final_loss=run["log"][-1]["loss"] if run["log"] else None,
-                  synthvoc_version=version,
+                  final_loss=run["log"][-1]["loss"] if run["log"] else None, synthvoc_version=version,
                   synthvoc_val_micro_f1=round(benchmark_val_f1(model, val_root, size, version=version), 4),
                   command=command)
     save_weights(weights, model.state_dict(), record, sha256=True)
