@@ -11,7 +11,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from .classes import NUM_SYNTH, SYNTH_CLASSES
-from .images import PALETTE, write_jpeg, write_png, write_palette_png
+from .images import PALETTE, read_png, write_jpeg, write_png, write_palette_png
 from .utils import atomic_path, run_cli
 from fastprogress.fastprogress import progress_bar
 from .config import setting
@@ -293,7 +293,8 @@ _SPLIT_CODE = {"train": 0, "val": 1}  # any other split (e.g. "pretrain") is 2
 def _draw_objects(rng: np.random.Generator, image: np.ndarray, rows, cols, classes: list, scale: float,
                   version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place and draw one object per entry of `classes` (None: the object draws its own class) into `image`, in order,
-    a later one on top. Returns (class map, instance map, part map), uint8 [S, S]; an object with no room is left out."""
+    a later one on top. Returns (class map, instance map, part map), uint8 [S, S]; an object without room is left
+    out."""
     size = image.shape[0]
     placed = []
     class_map, instances, part = (np.zeros((size, size), np.uint8) for _ in range(3))
@@ -480,7 +481,6 @@ def object_stats(seed: int = 0, split: str = "val", n: int = 400, size: int = 12
 # %% ../nbs/11_synth.ipynb #e550036e
 def _voc_scenes(root: Path, split: str, saliency_root: Path | None):
     "(class mask, instance masks [K, H, W] bool, classes [K], saliency or None) of each image of a VOC-layout `split`."
-    from .images import read_png
     ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
     for name in ids:
         class_mask = read_png(root / "SegmentationClass" / f"{name}.png")
@@ -494,7 +494,6 @@ def _voc_scenes(root: Path, split: str, saliency_root: Path | None):
 def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
     "The same for a COCO root: the class mask drawn from the non-crowd annotations, later ones on top."
     from pycocotools.coco import COCO
-    from .images import read_png
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()): coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
     for image_id in sorted(coco.getImgIds()):

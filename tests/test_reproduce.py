@@ -105,7 +105,7 @@ def test_classifier_starts_from_the_shipped_vit_and_keeps_seeds_apart(tiny_synth
     from getam.backbones import SHIPPED_WEIGHTS
     from safetensors.torch import load_file
     torch.set_num_threads(1)
-    shipped = load_file(str(SHIPPED_WEIGHTS / "vit_tiny_patch16_224-p16-w64-d6-h2.safetensors"))
+    shipped = load_file(str(SHIPPED_WEIGHTS / "vit_tiny_patch16_224-p8-w64-d6-h2.safetensors"))
     fresh = E.vit_classifier(6)
     for k, v in shipped.items(): assert torch.equal(fresh.state_dict()[k], v), k       # 6 classes: the head is kept too
     E.classifier("vit", "synth", epochs=1, progress=False, seed=1)
@@ -113,7 +113,7 @@ def test_classifier_starts_from_the_shipped_vit_and_keeps_seeds_apart(tiny_synth
     names = sorted(p.name for p in (tmp_path / "runs" / "reproduce" / "checkpoints").glob("*.safetensors"))
     assert names == ["synth-vit-128px-s1.safetensors", "synth-vit-128px-scratch.safetensors"]
     info, scratch = E.classifier_info("vit", "synth", seed=1), E.classifier_info("vit", "synth", pretrained=False)
-    assert (info["pretrained"] == "vit_tiny_patch16_224-p16-w64-d6-h2.safetensors" and info["seed"] == 1
+    assert (info["pretrained"] == "vit_tiny_patch16_224-p8-w64-d6-h2.safetensors" and info["seed"] == 1
             and info["lr"] == 3e-4)
     assert 0 <= info["val_f1_before"] <= 1 and scratch["pretrained"] is None and scratch["val_f1_before"] is None
     assert E.input_stats() == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))    # the shipped ViT's normalisation
@@ -130,7 +130,7 @@ def test_table4_and_table6_vit_rows_are_the_main_run(monkeypatch):
     seen.clear()
     E.backbone_run("synth", E.BACKBONES["ViT-Hybrid"])
     (name, kw), = seen
-    assert (name == "synth-vit_tiny_r_s16_p8_224-e20" and kw["patch_size"] == 4 and kw["layers"] == [3, 4, 5]
+    assert (name == "synth-vit_tiny_r_s16_p8_224-e20" and kw["patch_size"] == 2 and kw["layers"] == [3, 4, 5]
             and kw.get("pretrained", True))
     seen.clear()
     E.main_run("synth", pretrained=False)
@@ -284,8 +284,8 @@ def test_shared_jobs_of_the_reproduce_notebooks():
 def test_backbone_overrides_keep_the_token_size():
     assert E.backbone_overrides(E.BACKBONES["ViT"]) == {} and E.backbone_overrides(E.BACKBONES["DeiT-Distilled"]) == {}
     state = torch.random.get_rng_state()
-    # stride-4 stem x 4 = 16 px; last 3 of 6 blocks
-    assert E.backbone_overrides(E.BACKBONES["ViT-Hybrid"]) == dict(patch_size=4, layers=[3, 4, 5])
+    # stride-4 stem x 2 = 8 px, the synth ViT's patch; last 3 of 6 blocks
+    assert E.backbone_overrides(E.BACKBONES["ViT-Hybrid"]) == dict(patch_size=2, layers=[3, 4, 5])
     assert torch.equal(torch.random.get_rng_state(), state)
 
 

@@ -73,7 +73,7 @@ def stack_items(ds, limit: int | None = None) -> dict:
     return out
 
 # %% ../../nbs/91_experiments.ipynb #0550e73a
-# the synth preset's ViT: patch 16, width 64, 6 blocks, 2 heads
+# the synth preset's ViT: patch 8, width 64, 6 blocks, 2 heads
 SYNTH_ARCH = arch_overrides(PRESETS["synth"])
 
 def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) -> nn.Module:
@@ -85,7 +85,7 @@ def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) 
 
 def cnn_classifier(num_classes: int) -> nn.Module:
     """The CNN of the CAM baselines: timm `resnet10t` (GAP + linear classifier) at output stride 16 (an 8 × 8 map at
-    128 px, like the ViT's), random init."""
+    128 px), random init."""
     return timm.create_model("resnet10t", pretrained=False, num_classes=num_classes, output_stride=16)
 
 
@@ -279,7 +279,7 @@ def backbone_overrides(backbone: str) -> dict:
     """Table 4's overrides for `backbone`: none for a plain ViT; for a hybrid (a CNN stem before the patch embedding)
     the patch size that keeps the preset ViT's token size in pixels, and GETAM on the last half of its blocks (the
     paper's choice for ViT-Hybrid)."""
-    cfg = make_config(preset="synth", backbone=backbone)
+    cfg = make_config(preset="synth", backbone=backbone, pretrained=False)  # random weights: only its shapes count
     # leaves the caller's random state alone
     with torch.random.fork_rng(devices=[]): vit = build_model(cfg, 2).backbone
     stem_net = getattr(vit.patch_embed, "backbone", None)
