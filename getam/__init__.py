@@ -13,7 +13,7 @@ from getam.explain import explain
 ```
 
 ```python
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",
@@ -45,7 +45,7 @@ from .data import load_dataset
 from .explain import explain
 
 # %% ../nbs/index.ipynb #086647d6
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",

@@ -20,8 +20,8 @@ from .config import setting
 # %% auto #0
 __all__ = ['VERSIONS', 'LATEST_VERSION', 'V2_CLASS_COUNTS', 'V2_EXTRA_OBJECTS', 'V2_MAX_OBJECTS', 'V2_AREA_MEDIAN',
            'V2_AREA_SIGMA', 'V2_AREA_RANGE', 'SEPARATION', 'BENCHMARK_SEED_LIMIT', 'SYNTH_DEFAULTS', 'check_version',
-           'synth_sample', 'make_synthvoc', 'synthvoc_version', 'ensure_synthvoc', 'object_stats', 'synth_statistics',
-           'main']
+           'synth_sample', 'make_synthvoc', 'require_synthvoc', 'synthvoc_version', 'ensure_synthvoc', 'object_stats',
+           'synth_statistics', 'main']
 
 # %% ../nbs/11_synth.ipynb #119a45ac
 VERSIONS = (1, 2)    # the SynthVOC versions this generator reproduces
@@ -429,6 +429,17 @@ def make_synthvoc(out, seed: int = 0, n_train: int = 512, n_val: int = 128, size
 
 # %% ../nbs/11_synth.ipynb #cb810faf
 SYNTH_DEFAULTS = dict(seed=0, n_train=512, n_val=128, size=128, version=LATEST_VERSION)  # the benchmark's defaults
+
+def require_synthvoc(root, version: int = LATEST_VERSION) -> Path:
+    """SynthVOC `version` at `root`: generated (default settings) when `root` holds none, reused when it holds that
+    version, and a ValueError when it holds another one, which is never overwritten (a training run or a measurement
+    pointed at a user's data)."""
+    held = synthvoc_version(root)
+    if held is not None and held != version:
+        raise ValueError(f"{root} holds SynthVOC v{held}, and this run expects v{version} (synth_version={version}). "
+                         f"Generate v{version} elsewhere (python -m getam.synth --out DIR --version {version}) "
+                         f"and pass data_root=DIR, or pass synth_version={held} to use what {root} holds")
+    return ensure_synthvoc(root, version=version)
 
 def synthvoc_version(root) -> int | None:
     "The SynthVOC version `root` holds (1 when its `synthvoc.json` names none), None when it holds no SynthVOC."

@@ -21,7 +21,7 @@ from ..config import setting
 from ..data import Compose, LongSideResize, Normalize, load_dataset
 from .loop import StepContext, fit
 from .schedules import warmup_cosine
-from ..synth import BENCHMARK_SEED_LIMIT, LATEST_VERSION, check_version, ensure_synthvoc, synth_sample
+from ..synth import BENCHMARK_SEED_LIMIT, LATEST_VERSION, check_version, require_synthvoc, synth_sample
 from ..utils import run_cli, save_weights, seed_everything
 
 
@@ -81,9 +81,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: int = 64,
                      version: int = LATEST_VERSION) -> float:
-    """Micro F1 of `logit > 0` on the val split of SynthVOC `version` at `root` (default `synth_root`; generated when it
-    holds another version): a measurement, never training data."""
-    root = ensure_synthvoc(root or setting("synth_root"), version=version)
+    """Micro F1 of `logit > 0` on the val split of SynthVOC `version` at `root` (default `synth_root`; generated when
+    absent, refused when it holds another version): a measurement, never training data."""
+    root = require_synthvoc(root or setting("synth_root"), version)
     mean, std = norm_stats(model)
     ds = load_dataset("synth", root, "val", transform=Compose(LongSideResize(size), Normalize(mean, std)))
     items = [ds[i] for i in range(len(ds))]

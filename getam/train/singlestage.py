@@ -24,7 +24,7 @@ from .loop import parse_value, dist_info, fit
 from ..model import GetamSegmenter
 from .schedules import lr_at, phase2_start
 from .step import train_step
-from ..synth import LATEST_VERSION, ensure_synthvoc, synthvoc_version
+from ..synth import LATEST_VERSION, require_synthvoc, synthvoc_version
 from ..utils import atomic_path, run_cli, seed_everything
 
 
@@ -246,15 +246,6 @@ def train(cfg: TrainConfig | None = None, *, train_ds: Dataset | None = None, va
     finally:
         if own_pg: dist.destroy_process_group()
 
-def _ensure_synth(root: Path, version: int) -> Path:
-    "SynthVOC `version` at `root`, generated if absent; a ValueError if `root` holds another one (never overwritten)."
-    held = synthvoc_version(root)
-    if held is not None and held != version:
-        raise ValueError(f"{root} holds SynthVOC v{held}, and this run expects v{version} (synth_version={version}). "
-                         f"Generate v{version} elsewhere (python -m getam.synth --out DIR --version {version}) "
-                         f"and pass data_root=DIR, or pass synth_version={held} to train on what {root} holds")
-    return ensure_synthvoc(root, version=version)
-
 def _barrier(world):
     if world > 1: dist.barrier()
 
@@ -297,7 +288,7 @@ def _pseudo_metrics(cfg: TrainConfig, model: GetamSegmenter, pseudo_ds, out_dir:
 def _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds) -> dict:
     paths = resolve_paths(cfg)
     out_dir = paths["out_dir"]
-    if cfg.dataset == "synth" and train_ds is None and rank == 0: _ensure_synth(paths["root"], cfg.synth_version)
+    if cfg.dataset == "synth" and train_ds is None and rank == 0: require_synthvoc(paths["root"], cfg.synth_version)
     _barrier(world)
     seed_everything(cfg.seed)
     train_ds, val_ds, pseudo_ds = _data(cfg, paths, train_ds, val_ds, pseudo_ds)
