@@ -48,7 +48,7 @@ def dataset_root(dataset: str = "synth", root: str | Path | None = None) -> Path
     root = Path(root or get_settings()[f"{dataset}_root"])
     return ensure_synthvoc(root) if dataset == "synth" else root
 
-# the notebooks' image size (long side): SynthVOC's own, and the shipped ViT's pretraining size (8 × 8 tokens of 16 px)
+# the notebooks' image size (long side): SynthVOC's own, and the shipped ViT's pretraining size (16 × 16 tokens of 8 px)
 SIZE = 128
 
 def load_split(dataset: str = "synth", split: str = "train", size: int | None = SIZE, root=None, saliency: bool = True):
