@@ -490,10 +490,11 @@ def object_stats(seed: int = 0, split: str = "val", n: int = 400, size: int = 12
     return rows
 
 # %% ../nbs/11_synth.ipynb #e550036e
-def _voc_scenes(root: Path, split: str, saliency_root: Path | None):
-    "(class mask, instance masks [K, H, W] bool, classes [K], saliency or None) of each image of a VOC-layout `split`."
-    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-    for name in ids:
+def _voc_scenes(root: Path, split: str, saliency_root: Path | None, limit: int | None, progress: bool):
+    """(class mask, instance masks [K, H, W] bool, classes [K], saliency or None) of each of the first `limit` images of
+    a VOC-layout `split`, read one at a time."""
+    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:limit]
+    for name in progress_bar(ids) if progress else ids:
         class_mask = read_png(root / "SegmentationClass" / f"{name}.png")
         objects = read_png(root / "SegmentationObject" / f"{name}.png")
         instance_ids = [int(i) for i in np.unique(objects) if 0 < i < 255]
@@ -502,12 +503,13 @@ def _voc_scenes(root: Path, split: str, saliency_root: Path | None):
         saliency = read_png(saliency_root / f"{name}.png") if saliency_root else None
         yield class_mask, masks, classes, saliency
 
-def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
+def _coco_scenes(root: Path, split: str, saliency_root: Path | None, limit: int | None, progress: bool):
     "The same for a COCO root: the class mask drawn from the non-crowd annotations, later ones on top."
     from pycocotools.coco import COCO
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()): coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
-    for image_id in sorted(coco.getImgIds()):
+    image_ids = sorted(coco.getImgIds())[:limit]
+    for image_id in progress_bar(image_ids) if progress else image_ids:
         info = coco.loadImgs(image_id)[0]
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
         shape = (info["height"], info["width"])
@@ -518,7 +520,7 @@ def _coco_scenes(root: Path, split: str, saliency_root: Path | None):
         saliency = read_png(saliency_root / f"{stem}.png") if saliency_root else None
         yield class_mask, masks, [a["category_id"] for a in anns], saliency
 
-def _scenes_of(root: Path, split: str, saliency_root) -> tuple:
+def _scenes_of(root: Path, split: str, saliency_root, limit: int | None, progress: bool) -> tuple:
     """(the scenes of `split`, from `_voc_scenes` or `_coco_scenes` by what `root` holds; the saliency root: the one
     given, else `root/SaliencyMaps` if it exists, else None)."""
     coco = (root / "annotations" / f"instances_{split}.json").is_file()
@@ -527,7 +529,7 @@ def _scenes_of(root: Path, split: str, saliency_root) -> tuple:
                                 f"annotations/instances_{split}.json (COCO); pass the data root and a split it has")
     if saliency_root is None and (root / "SaliencyMaps").is_dir(): saliency_root = root / "SaliencyMaps"
     saliency_root = Path(saliency_root) if saliency_root else None
-    return (_coco_scenes if coco else _voc_scenes)(root, split, saliency_root), saliency_root
+    return (_coco_scenes if coco else _voc_scenes)(root, split, saliency_root, limit, progress), saliency_root
 
 def synth_statistics(root, split: str = "train", saliency_root=None, grid: int = 16, limit: int | None = None,
                      progress: bool = False) -> dict:
@@ -535,10 +537,7 @@ def synth_statistics(root, split: str = "train", saliency_root=None, grid: int =
     the labelled pixels, objects and classes per image, the single-class share, object areas as shares of the image
     (median, mean, 10th / 90th percentile), tokens of a median object on a `grid` x `grid` token grid, the median
     image size; with saliency maps, the detector's precision, recall and missed-object share."""
-    import itertools
-    scenes, saliency_root = _scenes_of(Path(root), split, saliency_root)
-    scenes = itertools.islice(scenes, limit)
-    if progress: scenes = progress_bar(list(scenes))
+    scenes, saliency_root = _scenes_of(Path(root), split, saliency_root, limit, progress)
     fg = labelled = salient = salient_fg = 0
     objects, classes, areas, sizes, missed = [], [], [], [], []
     for class_mask, masks, object_classes, saliency in scenes:
