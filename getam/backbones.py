@@ -22,13 +22,14 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from safetensors.torch import load_file
 from .config import setting
+from .hf import check_hf_readout, hf_parts, record_hf_attention
 
 
 # %% auto #0
 __all__ = ['ALIASES', 'VIT_MODULES', 'DYNAMIC_SIZE_MODULES', 'VIT_CLASSES', 'CNN_MODULES', 'SHIPPED_WEIGHTS', 'ARCH_KEYS',
            'resolve_name', 'load_weights_file', 'arch_overrides', 'arch_suffix', 'weights_candidates', 'find_weights',
-           'create_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers', 'check_class_token_readout',
-           'AttentionRecorder', 'record_attention']
+           'create_backbone', 'vit_of', 'is_hybrid', 'default_layers', 'resolve_layers', 'blocks_of',
+           'check_class_token_readout', 'AttentionRecorder', 'record_attention']
 
 # %% ../nbs/12_backbones.ipynb #162e8ff5
 ALIASES = {
@@ -168,13 +169,15 @@ def is_hybrid(model: nn.Module) -> bool:
     return isinstance(vit_of(model).patch_embed, HybridEmbed)
 
 def default_layers(model: nn.Module) -> list[int]:
-    "The paper's blocks for GETAM: all of them; for ViT-Hybrid the last half (the paper's last 6 of 12)."
+    """The paper's blocks for GETAM: all of them; for ViT-Hybrid the last half (the paper's last 6 of 12); every
+    layer of a transformers model."""
+    if hf_parts(model) is not None: return list(range(len(blocks_of(model))))
     n = len(vit_of(model).blocks)
     return list(range(n // 2, n)) if is_hybrid(model) else list(range(n))
 
 def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) -> list[int]:
     "Sorted, unique, non-negative block indices (`None` → `default_layers`; negative indices count from the end)."
-    n = len(vit_of(model).blocks)
+    n = len(blocks_of(model))
     if layers is None: return default_layers(model)
     if isinstance(layers, int): layers = [layers]
     out = sorted({i + n if i < 0 else i for i in layers})
@@ -183,10 +186,17 @@ def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) 
                          f"expected indices of the {n} blocks (0..{n-1}, or negative)")
     return out
 
+# %% ../nbs/12_backbones.ipynb #3703bfc6
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    "The transformer blocks of `model`, in order: its timm ViT's `blocks`, or the layers of its transformers model."
+    parts = hf_parts(model)
+    return parts.blocks if parts is not None else list(vit_of(model).blocks)
+
 # %% ../nbs/12_backbones.ipynb #655ed66d
 def check_class_token_readout(model: nn.Module, method: str = "GETAM") -> None:
     """Raise a `ValueError` unless `model`'s classifier reads its [class] token, the row 0 of attention that `method`
-    uses."""
+    uses; transformers models are judged by `getam.hf.check_hf_readout`."""
+    if hf_parts(model) is not None: return check_hf_readout(model, method)
     vit = vit_of(model)
     pool, has_cls = getattr(vit, "global_pool", "token"), getattr(vit, "cls_token", None) is not None
     if has_cls and pool == "token": return
@@ -238,7 +248,11 @@ def _attention_module(block: nn.Module, i: int) -> nn.Module:
 
 @contextmanager
 def record_attention(model: nn.Module, layers: Iterable[int] | int | None = None):
-    "Context manager: record the post-softmax attention of `layers` (default `default_layers`) of `model`'s ViT."
+    """Context manager: record the post-softmax attention of `layers` (default `default_layers`) of `model`'s ViT (a
+    transformers model: `getam.hf.record_hf_attention`)."""
+    if hf_parts(model) is not None:
+        with record_hf_attention(model, resolve_layers(model, layers)) as rec: yield rec
+        return
     vit = vit_of(model)
     rec = AttentionRecorder(vit, resolve_layers(model, layers))
     mods = {i: _attention_module(vit.blocks[i], i) for i in rec.layers}

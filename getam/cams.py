@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import check_class_token_readout, record_attention, vit_of
+from .backbones import blocks_of, check_class_token_readout, record_attention, vit_of
 
 # %% auto #0
 __all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'target_labels', 'rank_vjps', 'class_row', 'coupling', 'normalize_maps',
@@ -21,8 +21,9 @@ __all__ = ['FUSIONS', 'logits_of', 'present_ranks', 'target_labels', 'rank_vjps'
 
 # %% ../nbs/20_cams.ipynb #46d8a18e
 def logits_of(out) -> torch.Tensor:
-    """Classification logits [B, C] from a model output: a tensor, or DeiT-distilled's `(head, head_dist)` pair
-    (averaged, as timm does at inference)."""
+    """Classification logits [B, C] from a model output: a tensor, DeiT-distilled's `(head, head_dist)` pair
+    (averaged, as timm does at inference), or a transformers output's `.logits`."""
+    if torch.is_tensor(getattr(out, "logits", None)): out = out.logits
     if isinstance(out, (tuple, list)):
         if len(out) == 2 and all(torch.is_tensor(o) and o.shape == out[0].shape for o in out):
             return (out[0] + out[1]) / 2
@@ -267,8 +268,9 @@ def cam_add(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classi
 def grad_cam(model: nn.Module, images: torch.Tensor, labels=None, relu: bool = True, top_k: int = 1) -> torch.Tensor:
     """Grad-CAM on the token features entering the last block (GAP of gradients as channel weights) → [B, C, h, w];
     `labels` as `target_labels`."""
-    vit, out = vit_of(model), {}
-    hook = vit.blocks[-1].register_forward_pre_hook(lambda m, a: out.__setitem__("x", a[0]))
+    out = {}
+    def keep(module, args, kwargs): out["x"] = args[0] if args else kwargs["hidden_states"]
+    hook = blocks_of(model)[-1].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         # records the grid; the last block's attention is cheap
         with record_attention(model, -1) as rec, torch.enable_grad():

@@ -16,10 +16,12 @@ from PIL import Image as PILImage
 from . import cams
 from .classes import norm_stats
 from .data import Normalize, denormalize
+from .hf import hf_parts
 from .utils import require_extra
 
 # %% auto #0
-__all__ = ['BASELINES', 'LAYERED', 'colorize', 'overlay', 'png_bytes', 'image_maps', 'LayerExplorer']
+__all__ = ['BASELINES', 'LAYERED', 'HF_BASELINES', 'colorize', 'overlay', 'png_bytes', 'baselines_for', 'image_maps',
+           'LayerExplorer']
 
 # %% ../nbs/41_widgets.ipynb #0f4497c0
 def colorize(m: np.ndarray, cmap: str = "jet", signed: bool = False) -> np.ndarray:
@@ -55,10 +57,18 @@ BASELINES = {"CAM (add)": cams.cam_add, "CAM (ignore)": cams.cam_ignore, "Grad-C
              "Att-Gradients": cams.att_gradients, "TS-CAM": cams.ts_cam}
 LAYERED = ("GETAM", "A_CLS", "∇A_CLS")
 
-def image_maps(model: nn.Module, image: torch.Tensor, layers=None, baselines: Sequence[str] = tuple(BASELINES),
+HF_BASELINES = ("Grad-CAM", "Att-Gradients")   # CAM and TS-CAM read timm's token classifier
+
+def baselines_for(model: nn.Module) -> tuple[str, ...]:
+    "The `BASELINES` that run on `model`: all of them for a timm ViT, `HF_BASELINES` for a transformers model."
+    return HF_BASELINES if hf_parts(model) is not None else tuple(BASELINES)
+
+# %% ../nbs/41_widgets.ipynb #dea18abe
+def image_maps(model: nn.Module, image: torch.Tensor, layers=None, baselines: Sequence[str] | None = None,
                cnn: nn.Module | None = None, cnn_image: torch.Tensor | None = None) -> dict:
     "All maps of one normalised `image` [3, H, W] for every class: dict of float32 arrays (see the keys below)."
     x = image[None]
+    baselines = baselines_for(model) if baselines is None else baselines
     with torch.no_grad(): logits = cams.logits_of(model(x))
     labels = torch.ones_like(logits)
     r = cams.getam_layers(model, x, labels, layers)
@@ -79,11 +89,12 @@ class LayerExplorer:
     """ipywidgets UI over `dataset` (dict items with `image`, `label`) showing GETAM and its ingredients of `model`,
     block by block."""
     def __init__(self, model: nn.Module, dataset, indices: Sequence[int] | None = None, layers=None,
-                 baselines: Sequence[str] = tuple(BASELINES), cnn: nn.Module | None = None,
+                 baselines: Sequence[str] | None = None, cnn: nn.Module | None = None,
                  class_names: Sequence[str] | None = None, mean=None, std=None, scale: int | None = None,
                  opacity: float = 0.5, cmap: str = "jet", max_images: int = 200):
         W = require_extra("ipywidgets", needed_by="LayerExplorer")
         self.model, self.dataset, self.layers, self.cnn, self.cmap = model.eval(), dataset, layers, cnn, cmap
+        baselines = baselines_for(model) if baselines is None else baselines
         bad = [b for b in baselines if b not in BASELINES]
         if bad: raise ValueError(f"unknown baselines {bad}; expected some of {list(BASELINES)}")
         self.baselines = list(baselines)

@@ -1,0 +1,197 @@
+"""Hugging Face `transformers` models through getam's calls (getam.hf): GETAM and Att-Gradients of every family equal a
+slow per-(image, class) reference written on transformers' own `output_attentions`; a timm and an HF ViT given the same
+weights give the same maps; pooled read-outs are refused with a message; the model is left as it was."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5")
+from transformers import (BeitConfig, BeitForImageClassification, CLIPVisionConfig, CLIPVisionModel,  # noqa: E402
+                          DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, Dinov2Config,
+                          Dinov2ForImageClassification, ViTConfig, ViTForImageClassification)
+
+import timm  # noqa: E402
+from getam.backbones import blocks_of, record_attention, resolve_layers  # noqa: E402
+from getam.cams import att_gradients, getam, getam_layers, grad_cam, logits_of, target_labels  # noqa: E402
+from getam.explain import explain  # noqa: E402
+from getam.hf import LinearProbe, hf_parts, hf_readout  # noqa: E402
+
+SIZE, PATCH, CLASSES = 32, 8, 3
+
+
+def config(cls, **kw):
+    return cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+               patch_size=PATCH, **kw)
+
+
+def family(kind: str):
+    "A tiny random transformers classifier of `kind` (seeded), in eval mode."
+    torch.manual_seed(0)
+    if kind == "vit": model = ViTForImageClassification(config(ViTConfig, num_labels=CLASSES))
+    elif kind == "deit": model = DeiTForImageClassification(config(DeiTConfig, num_labels=CLASSES))
+    elif kind == "deit_teacher": model = DeiTForImageClassificationWithTeacher(config(DeiTConfig, num_labels=CLASSES))
+    elif kind == "beit_cls":
+        model = BeitForImageClassification(config(BeitConfig, num_labels=CLASSES, use_mean_pooling=False,
+                                                  use_relative_position_bias=True))
+    elif kind == "clip_probe": model = LinearProbe(CLIPVisionModel(config(CLIPVisionConfig)), CLASSES)
+    else: raise KeyError(kind)
+    return model.eval()
+
+
+FAMILIES = ("vit", "deit", "deit_teacher", "beit_cls", "clip_probe")   # HF DeiT always carries the distillation token
+PREFIX = {"vit": 1, "deit": 2, "deit_teacher": 2, "beit_cls": 1, "clip_probe": 1}
+
+
+def forward_with_attentions(model, x):
+    "(logits, attentions) through transformers' public `output_attentions` on the eager path."
+    hf = hf_parts(model).model
+    hf.set_attn_implementation("eager")
+    try:
+        if isinstance(model, LinearProbe):
+            out = model.tower(pixel_values=x, output_attentions=True)
+            return model.head(out.pooler_output), out.attentions
+        out = model(x, output_attentions=True)
+        return out.logits, out.attentions
+    finally: hf.set_attn_implementation("sdpa")
+
+
+def slow_reference(model, images, labels, squared=True):
+    "Per (image, present class): a forward of that image alone, ∂y_c/∂A by autograd, Eq. 2 per layer, summed (Eq. 3)."
+    h = w = SIZE // PATCH
+    maps = torch.zeros(*labels.shape, h * w, dtype=torch.float64)
+    for b in range(len(images)):
+        for c in torch.nonzero(labels[b] > 0).flatten().tolist():
+            logits, attentions = forward_with_attentions(model, images[b:b + 1])
+            grads = torch.autograd.grad(logits[0, c], attentions)
+            p = attentions[0].shape[-1] - h * w
+            for a, g in zip(attentions, grads):
+                a, g = a[0].double(), g[0].double()                      # [heads, N, N]
+                m = (g * a).clamp(min=0).mean(0)[0, p:]
+                maps[b, c] += m * g.clamp(min=0).mean(0)[0, p:] if squared else m
+    return maps.view(*labels.shape, h, w)
+
+
+def images_and_labels():
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    labels = torch.tensor([[1., 0, 1], [0, 1, 0], [1, 1, 1]])   # 2, 1 and 3 present classes: three ranks
+    return x, labels
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_getam_and_att_gradients_equal_the_slow_reference(kind):
+    model = family(kind)
+    x, labels = images_and_labels()
+    ref = slow_reference(model, x, labels)
+    maps = getam(model, x, labels)
+    assert maps.shape == (3, CLASSES, SIZE // PATCH, SIZE // PATCH)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(maps.double(), ref, rtol=1e-4, atol=1e-7 * ref.abs().max().item())
+    ref_ag = slow_reference(model, x, labels, squared=False)
+    torch.testing.assert_close(att_gradients(model, x, labels).double(), ref_ag, rtol=1e-4,
+                               atol=1e-7 * ref_ag.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_recorder_finds_grid_prefix_and_restores_the_model(kind):
+    model = family(kind)
+    x, _ = images_and_labels()
+    before = hf_parts(model).model.config._attn_implementation
+    with torch.no_grad(): expected = logits_of(model(x))
+    with record_attention(model, [0, -1]) as rec, torch.enable_grad():
+        logits_of(model(x))
+    assert (rec.grid, rec.num_prefix_tokens, rec.layers) == ((4, 4), PREFIX[kind], [0, 2])
+    assert all(a.requires_grad for a in rec.attn)
+    assert hf_parts(model).model.config._attn_implementation == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad(): torch.testing.assert_close(logits_of(model(x)), expected)
+    assert resolve_layers(model, None) == [0, 1, 2] and len(blocks_of(model)) == 3
+
+
+def test_a_frozen_model_is_explained_too():
+    model = family("vit")
+    for p in model.parameters(): p.requires_grad_(False)
+    x, labels = images_and_labels()
+    torch.testing.assert_close(getam(model, x, labels).double(), slow_reference(family("vit"), x, labels),
+                               rtol=1e-4, atol=1e-9)
+
+
+def timm_to_hf_vit(vit) -> ViTForImageClassification:
+    "An HF ViT carrying the weights of a timm `VisionTransformer` (transformers 5 parameter names)."
+    depth, dim = len(vit.blocks), vit.embed_dim
+    cfg = ViTConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=vit.blocks[0].attn.num_heads,
+                    intermediate_size=vit.blocks[0].mlp.fc1.out_features, image_size=SIZE, patch_size=PATCH,
+                    num_labels=vit.num_classes, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)
+    hf = ViTForImageClassification(cfg).eval()
+    sd = {"vit.embeddings.cls_token": vit.cls_token, "vit.embeddings.position_embeddings": vit.pos_embed,
+          "vit.embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
+          "vit.embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
+          "vit.layernorm.weight": vit.norm.weight, "vit.layernorm.bias": vit.norm.bias,
+          "classifier.weight": vit.head.weight, "classifier.bias": vit.head.bias}
+    for i, blk in enumerate(vit.blocks):
+        pre = f"vit.layers.{i}."
+        for name, t in zip("qkv", blk.attn.qkv.weight.chunk(3)): sd[pre + f"attention.{name}_proj.weight"] = t
+        for name, t in zip("qkv", blk.attn.qkv.bias.chunk(3)): sd[pre + f"attention.{name}_proj.bias"] = t
+        pairs = {"attention.o_proj": blk.attn.proj, "layernorm_before": blk.norm1, "layernorm_after": blk.norm2,
+                 "mlp.fc1": blk.mlp.fc1, "mlp.fc2": blk.mlp.fc2}
+        for name, mod in pairs.items():
+            sd[pre + name + ".weight"], sd[pre + name + ".bias"] = mod.weight, mod.bias
+    if set(sd) != set(hf.state_dict()):
+        pytest.skip(f"transformers {transformers.__version__} names ViT's parameters differently from 5.x")
+    hf.load_state_dict({k: v.detach() for k, v in sd.items()})
+    return hf
+
+
+def test_timm_and_hf_vit_with_the_same_weights_give_the_same_maps():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=CLASSES, img_size=SIZE,
+                            patch_size=PATCH, embed_dim=32, depth=3, num_heads=2).eval()
+    for p in vit.parameters(): p.data.normal_(0, 0.3)          # far from the init, so that maps differ per class
+    hf = timm_to_hf_vit(vit)
+    x, labels = images_and_labels()
+    with torch.no_grad(): torch.testing.assert_close(hf(x).logits, vit(x), rtol=1e-4, atol=1e-5)
+    a, b = getam(vit, x, labels), getam(hf, x, labels)
+    assert a.abs().max() > 0
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6 * a.abs().max().item())
+    ra, rb = getam_layers(vit, x, labels), getam_layers(hf, x, labels)
+    torch.testing.assert_close(rb.a_cls, ra.a_cls, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_cam(hf, x, labels), grad_cam(vit, x, labels), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("build, says", [
+    (lambda: BeitForImageClassification(config(BeitConfig, num_labels=CLASSES)), "use_mean_pooling=False"),
+    (lambda: Dinov2ForImageClassification(config(Dinov2Config, num_labels=CLASSES)), "concatenated with the mean"),
+])
+def test_pooled_read_outs_are_refused_and_grad_cam_still_runs(build, says):
+    model = build().eval()
+    x, labels = images_and_labels()
+    assert hf_readout(model) in ("mean", "token+mean")
+    for method in (getam, att_gradients):
+        with pytest.raises(ValueError, match=says): method(model, x, labels)
+    assert grad_cam(model, x, labels).shape == (3, CLASSES, 4, 4)
+
+
+def test_explain_takes_an_hf_model():
+    model = family("deit_teacher")
+    x, _ = images_and_labels()
+    exp = explain(model, x, top_k=2)
+    with torch.no_grad(): logits = model(x).logits
+    assert exp.maps.shape == (3, CLASSES, SIZE, SIZE) and exp.labels.sum(1).tolist() == [2, 2, 2]
+    torch.testing.assert_close(exp.labels, target_labels(None, logits, 2))
+    torch.testing.assert_close(exp.raw, getam(model, x, exp.labels))
+
+
+def test_layer_explorer_steps_through_an_hf_model():
+    pytest.importorskip("ipywidgets")
+    from getam.widgets import LayerExplorer
+    model = family("beit_cls")
+    torch.manual_seed(2)
+    dataset = [dict(image=torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8), label=torch.tensor([0., 1, 0]))]
+    ex = LayerExplorer(model, dataset, mean=(0.5,) * 3, std=(0.5,) * 3, scale=1)
+    x = ex.item(0)[1][None]
+    assert [o for o in ex.map_picker.options] == ["GETAM", "A_CLS", "∇A_CLS", "Grad-CAM", "Att-Gradients"]
+    assert [o[1] for o in ex.layer_slider.options] == [0, 1, 2, "sum"]
+    ex.class_picker.value = 1
+    torch.testing.assert_close(torch.from_numpy(ex.map), getam(model, x, torch.ones(1, CLASSES))[0, 1])
+    ex.map_picker.value = "Att-Gradients"
+    torch.testing.assert_close(torch.from_numpy(ex.map), att_gradients(model, x, torch.ones(1, CLASSES))[0, 1])
+    assert ex.render()[:4] == b"\x89PNG"
