@@ -10,14 +10,17 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from . import cams, widgets
+from . import attribution, cams, widgets
 from .data import denormalize
 
 # %% auto #0
 __all__ = ['METHODS', 'Explanation', 'explain', 'overlay', 'show']
 
 # %% ../nbs/40_explain.ipynb #451011f6
-METHODS: dict[str, Callable] = {"getam": cams.getam, "att_gradients": cams.att_gradients, "grad_cam": cams.grad_cam}
+METHODS: dict[str, Callable] = {"getam": cams.getam, "att_gradients": cams.att_gradients, "grad_cam": cams.grad_cam,
+                                "rollout": attribution.attention_rollout, "chefer": attribution.chefer_attribution,
+                                "legrad": attribution.legrad}
+
 
 # %% ../nbs/40_explain.ipynb #f9b60c2c
 class Explanation(NamedTuple):

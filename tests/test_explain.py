@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from fixtures import tiny_backbone
+from getam.attribution import attention_rollout, chefer_attribution, legrad
 from getam.cams import att_gradients, getam, normalize_maps, resize_maps
 from getam.explain import explain, overlay
 from getam.widgets import colorize
@@ -30,6 +31,19 @@ def test_explain_topk_is_getam_of_the_predicted_classes():
     assert a.classes == [[1], [2]]
     with pytest.raises(ValueError, match="expected one of getam"):
         explain(model, x, method="rise")
+
+
+@pytest.mark.parametrize("name,fn", [("rollout", attention_rollout), ("chefer", chefer_attribution),
+                                     ("legrad", legrad)])
+def test_explain_runs_the_attribution_baselines_by_name(name, fn):
+    torch.manual_seed(0)
+    model = tiny_backbone("vit").eval()
+    x = torch.randn(2, 3, 32, 32)
+    exp = explain(model, x, labels=[[0, 3], 1], method=name)
+    want = torch.tensor([[1., 0, 0, 1], [0, 1, 0, 0]])
+    assert torch.equal(exp.labels, want) and exp.maps.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(exp.raw, fn(model, x, want))
+    torch.testing.assert_close(exp.maps, normalize_maps(resize_maps(fn(model, x, want), (32, 32))))
 
 
 def test_explain_refuses_models_without_class_token_readout():

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "getam"
 LIBRARY_LAYERS = {
     0: ["config", "utils", "classes", "images"],                                   # foundations
     1: ["data", "synth", "hf", "backbones"],                                       # data, models to explain
-    2: ["cams", "pamr", "completion", "crf", "metrics", "faithfulness"],           # the method
+    2: ["cams", "attribution", "pamr", "completion", "crf", "metrics", "faithfulness"],  # the method
     3: ["model", "deeplab"],                                                       # models
     4: ["explain", "widgets"],                                                     # explaining a model
 }

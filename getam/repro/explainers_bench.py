@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from .. import cams
+from .. import attribution, cams
 from ..train.classify import multilabel_f1
 from ..backbones import create_backbone, load_weights_file
 from ..classes import NUM_SYNTH, norm_stats
@@ -54,7 +55,8 @@ def _pytorch_grad_cam(kind: str):
 def methods() -> dict[str, Callable | str]:
     "Name → `fn(model, x, labels) -> maps [B, C, h, w]`, or a string saying why the method cannot run."
     out = {"GETAM": _ours(cams.getam), "Att-Gradients": _ours(cams.att_gradients),
-           "Grad-CAM (ours)": _ours(cams.grad_cam)}
+           "Grad-CAM (ours)": _ours(cams.grad_cam), "Attention rollout": _ours(attribution.attention_rollout),
+           "Chefer et al. 2021": _ours(attribution.chefer_attribution), "LeGrad (ours)": _ours(attribution.legrad)}
     try:
         import pytorch_grad_cam  # noqa: F401
         out["GradCAM (pytorch-grad-cam)"] = _pytorch_grad_cam("GradCAM")
@@ -65,7 +67,7 @@ def methods() -> dict[str, Callable | str]:
     try:
         import torchcam  # noqa: F401
         out["LeGrad (torchcam)"] = ("n/a: torchcam's LeGrad needs blocks with an nn.MultiheadAttention "
-                                    "`self_attention` (torchvision ViT); timm ViTs have none")
+                                    "`self_attention` (torchvision ViT); timm ViTs have none (see LeGrad (ours))")
     except ImportError:
         out["LeGrad (torchcam)"] = "not installed (pip install getam[compare])"
     return out
@@ -74,62 +76,66 @@ def methods() -> dict[str, Callable | str]:
 COLUMNS = ["method", "s / batch (median)", "s total", "deletion AUC ↓", "insertion AUC ↑", "pointing game ↑",
            "energy PG ↑", "pseudo-label mIoU ↑", "note"]
 
+def _synth_vit(weights: str | Path | None, size: int) -> nn.Module:
+    "The synth preset's ViT in eval mode: the shipped getam.train.pretrain weights, or the state dict `weights`."
+    model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH,
+                            img_size=size, **SYNTH_ARCH)
+    if weights is not None: model.load_state_dict(load_weights_file(weights))
+    return model.eval()
+
+def _class_mean(values: torch.Tensor, classes: torch.Tensor, num_classes: int) -> float:
+    "Mean over the classes that occur of each class's mean value (pointing games are reported per class)."
+    return float(np.nanmean([values[classes == k].mean().item() for k in range(num_classes) if (classes == k).any()]))
+
+def _measure(fn: Callable, model: nn.Module, val: dict, batch_size: int, steps: int) -> dict:
+    "One method over `val` in batches (after a warm-up call): its timing and faithfulness columns of the table."
+    C = val["label"].shape[1]
+    times, dels, ins, pg, epg, cm = [], [], [], [], [], ConfusionMatrix(C + 1)
+    fn(model, val["x"][:batch_size], val["label"][:batch_size])           # warm-up (first-call costs, lazy imports)
+    for i in range(0, len(val["x"]), batch_size):
+        x, y = val["x"][i:i + batch_size], val["label"][i:i + batch_size]
+        t0 = time.perf_counter()
+        maps = fn(model, x, y)
+        times.append(time.perf_counter() - t0)
+        maps = maps.detach().float()
+        m, sal = val["mask"][i:i + batch_size], val["saliency"][i:i + batch_size]
+        dels.append(deletion_insertion(model, x, maps, y, "deletion", steps).auc)
+        ins.append(deletion_insertion(model, x, maps, y, "insertion", steps).auc)
+        pg.append(pointing_game(maps, y, m))
+        epg.append(energy_pointing_game(maps, y, m))
+        update_pseudo_label_cm(cm, x, maps, y, sal, m)
+    def game(results):
+        return _class_mean(torch.cat([r.values for r in results]), torch.cat([r.classes for r in results]), C)
+    return {"s / batch (median)": float(np.median(times)), "s total": float(sum(times)),
+            "deletion AUC ↓": torch.cat(dels).mean().item(), "insertion AUC ↑": torch.cat(ins).mean().item(),
+            "pointing game ↑": game(pg), "energy PG ↑": game(epg), "pseudo-label mIoU ↑": 100 * cm.miou()}
+
+def _caption(val: dict, size: int, batch_size: int, steps: int, how: str, f1: float) -> str:
+    n_pairs = int((val["label"] > 0).sum())
+    return (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
+            f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, "
+            f"width 64, 6 blocks, 2 heads ({how}; val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all "
+            f"present classes of a batch. Deletion / insertion: RISE, {steps} steps, baselines 0 (normalised) and "
+            f"blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game (tolerance 0) and energy-based "
+            f"pointing game (class boxes from the masks): mean over classes. mIoU: pseudo labels with one rule for "
+            f"all (PAMR, max-normalisation, activation-aware completion with saliency), background included.")
+
 def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
               size: int = 128, n_images: int = 64, batch_size: int = 16, steps: int = 16,
               out: str | Path = "figures", name: str = "explainers",
               threads: int | None = None, seed: int = 0) -> list[dict]:
     "Run the side-by-side comparison; print the table and write `{out}/{name}.md` and `.csv`. Returns the rows."
     if threads: torch.set_num_threads(threads)
-    model = create_backbone("vit_tiny_patch16_224", pretrained=weights is None, num_classes=NUM_SYNTH,
-                            img_size=size, **SYNTH_ARCH)
-    if weights is not None: model.load_state_dict(load_weights_file(weights))
-    model.eval()
+    model = _synth_vit(weights, size)
     how = f"weights {weights}" if weights else "the shipped getam.train.pretrain weights"
     val = stack_items(load_split("synth", "val", size, root), n_images)
     val["x"] = normalize_image(val["image"], *norm_stats(model))
-    C = val["label"].shape[1]
     f1 = multilabel_f1(model, val["x"], val["label"])
-    out = Path(out)
     rows = []
     for mname, fn in methods().items():
-        if isinstance(fn, str):
-            rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn})
-            continue
-        times, dels, ins, pg, epg, cm = [], [], [], [], [], ConfusionMatrix(C + 1)
-        pg_cls, epg_cls = [], []
-        # warm-up (first-call costs, lazy imports)
-        fn(model, val["x"][:batch_size], val["label"][:batch_size])
-        for i in range(0, len(val["x"]), batch_size):
-            x, y = val["x"][i:i + batch_size], val["label"][i:i + batch_size]
-            t0 = time.perf_counter()
-            maps = fn(model, x, y)
-            times.append(time.perf_counter() - t0)
-            maps = maps.detach().float()
-            m, sal = val["mask"][i:i + batch_size], val["saliency"][i:i + batch_size]
-            dels.append(deletion_insertion(model, x, maps, y, "deletion", steps).auc)
-            ins.append(deletion_insertion(model, x, maps, y, "insertion", steps).auc)
-            p = pointing_game(maps, y, m)
-            e = energy_pointing_game(maps, y, m)
-            pg.append(p.values)
-            pg_cls.append(p.classes)
-            epg.append(e.values)
-            epg_cls.append(e.classes)
-            update_pseudo_label_cm(cm, x, maps, y, sal, m)
-        cls_mean = lambda v, c: float(np.nanmean([v[c == k].mean().item() for k in range(C) if (c == k).any()]))
-        rows.append({"method": mname, "s / batch (median)": float(np.median(times)), "s total": float(sum(times)),
-                     "deletion AUC ↓": torch.cat(dels).mean().item(), "insertion AUC ↑": torch.cat(ins).mean().item(),
-                     "pointing game ↑": cls_mean(torch.cat(pg), torch.cat(pg_cls)),
-                     "energy PG ↑": cls_mean(torch.cat(epg), torch.cat(epg_cls)),
-                     "pseudo-label mIoU ↑": 100 * cm.miou(), "note": ""})
-    n_pairs = int((val["label"] > 0).sum())
-    caption = (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
-               f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, "
-               f"width 64, 6 blocks, 2 heads ({how}; val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all "
-               f"present classes of a batch. Deletion / insertion: RISE, {steps} steps, baselines 0 (normalised) and "
-               f"blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game (tolerance 0) and energy-based "
-               f"pointing game (class boxes from the masks): mean over classes. mIoU: pseudo labels with one rule for "
-               f"all (PAMR, max-normalisation, activation-aware completion with saliency), background included.")
-    write_table(rows, out, name, caption)
+        if isinstance(fn, str): rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn})
+        else: rows.append({"method": mname, **_measure(fn, model, val, batch_size, steps), "note": ""})
+    write_table(rows, Path(out), name, _caption(val, size, batch_size, steps, how, f1))
     return rows
 
 def _fmt(v) -> str:
