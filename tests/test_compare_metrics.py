@@ -3,8 +3,8 @@ the pointing game = quantus's `PointingGame`, the energy pointing game = quantus
 the setting named in nbs/25_faithfulness ("Checked against quantus and torchcam"), per (image, class) pair, on the same
 tiny ViT, images and maps. The differences that table names are pinned here too, so that its prose stays true.
 
-Tolerances: deletion / insertion compare sigmoid scores of the same float32 model on the same perturbed images, batched
-differently (atol 1e-6: a few float32 ulps of a score in [0, 1]); the energy share is a ratio of float32 sums of 256
+Tolerances: deletion / insertion compare AUCs of the same float32 model's scores on the same perturbed images, batched
+differently (atol 1e-6: a few float32 ulps of scores of order 1); the energy share is a ratio of float32 sums of 256
 terms added in another order by numpy and torch (rtol 1e-5); pointing-game hits are booleans, compared exactly."""
 import contextlib
 import inspect
