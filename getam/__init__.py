@@ -3,6 +3,7 @@
 ```python
 from getam.cams import att_gradients, cam_add, cam_ignore, getam, getam_layers, grad_cam, normalize_maps, resize_maps
 from getam.cams import ts_cam
+from getam.attribution import attention_rollout, chefer_attribution, legrad
 from getam.completion import complete_labels, mine_high_activation, saliency_mask
 from getam.pamr import pamr
 from getam.crf import dense_crf
@@ -16,8 +17,9 @@ from getam.explain import explain
 __version__ = "0.3.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
-         "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",
-         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]
+         "resize_maps", "ts_cam", "attention_rollout", "chefer_attribution", "legrad", "complete_labels",
+         "mine_high_activation", "saliency_mask", "pamr", "dense_crf", "ConfusionMatrix", "create_backbone",
+         "load_dataset", "explain"]
 ```
 
 Modules:
@@ -30,12 +32,13 @@ Modules:
 
 # %% auto #0
 __all__ = ['att_gradients', 'cam_add', 'cam_ignore', 'getam', 'getam_layers', 'grad_cam', 'normalize_maps', 'resize_maps',
-           'ts_cam', 'complete_labels', 'mine_high_activation', 'saliency_mask', 'pamr', 'dense_crf', 'ConfusionMatrix',
-           'create_backbone', 'load_dataset', 'explain']
+           'ts_cam', 'attention_rollout', 'chefer_attribution', 'legrad', 'complete_labels', 'mine_high_activation',
+           'saliency_mask', 'pamr', 'dense_crf', 'ConfusionMatrix', 'create_backbone', 'load_dataset', 'explain']
 
 # %% ../nbs/index.ipynb #cc98badc
 from .cams import att_gradients, cam_add, cam_ignore, getam, getam_layers, grad_cam, normalize_maps, resize_maps
 from .cams import ts_cam
+from .attribution import attention_rollout, chefer_attribution, legrad
 from .completion import complete_labels, mine_high_activation, saliency_mask
 from .pamr import pamr
 from .crf import dense_crf
@@ -48,5 +51,6 @@ from .explain import explain
 __version__ = "0.3.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
-         "resize_maps", "ts_cam", "complete_labels", "mine_high_activation", "saliency_mask", "pamr",
-         "dense_crf", "ConfusionMatrix", "create_backbone", "load_dataset", "explain"]
+         "resize_maps", "ts_cam", "attention_rollout", "chefer_attribution", "legrad", "complete_labels",
+         "mine_high_activation", "saliency_mask", "pamr", "dense_crf", "ConfusionMatrix", "create_backbone",
+         "load_dataset", "explain"]

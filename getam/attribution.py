@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import check_class_token_readout, record_attention, resolve_layers, vit_of
+from .backbones import blocks_of, check_class_token_readout, record_attention, resolve_layers, vit_of
 from .cams import logits_of, rank_vjps, target_labels, token_classifier
 
 # %% auto #0
@@ -20,8 +20,8 @@ __all__ = ['LEGRAD_POOLS', 'every_block', 'rollout_matrix', 'attention_rollout',
 
 # %% ../nbs/26_attribution.ipynb #200a7430
 def every_block(model: nn.Module) -> list[int]:
-    "All block indices `0 .. L-1` of `model`'s transformer (the last one from `getam.backbones.resolve_layers`, + 1)."
-    return list(range(resolve_layers(model, -1)[0] + 1))
+    "All block indices `0 .. L-1` of `model`'s transformer (timm's, or a transformers model's: `blocks_of`)."
+    return list(range(len(blocks_of(model))))
 
 # %% ../nbs/26_attribution.ipynb #08a1ebc1
 def rollout_matrix(attn: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import timm  # noqa: E402
 from getam.backbones import blocks_of, record_attention, resolve_layers  # noqa: E402
 from getam.cams import att_gradients, getam, getam_layers, grad_cam, logits_of, target_labels  # noqa: E402
 from getam.explain import explain  # noqa: E402
+from getam.attribution import attention_rollout, chefer_attribution  # noqa: E402
 from getam.hf import LinearProbe, hf_parts, hf_readout  # noqa: E402
 
 SIZE, PATCH, CLASSES = 32, 8, 3
@@ -155,6 +156,10 @@ def test_timm_and_hf_vit_with_the_same_weights_give_the_same_maps():
     ra, rb = getam_layers(vit, x, labels), getam_layers(hf, x, labels)
     torch.testing.assert_close(rb.a_cls, ra.a_cls, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad_cam(hf, x, labels), grad_cam(vit, x, labels), rtol=1e-3, atol=1e-5)
+    for method in (attention_rollout, chefer_attribution):    # every block, through the same recorder
+        a, b = method(vit, x, labels), method(hf, x, labels)
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("build, says", [
