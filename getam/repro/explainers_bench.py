@@ -29,7 +29,7 @@ from ..utils import atomic_path, run_cli
 
 
 # %% auto #0
-__all__ = ['COLUMNS', 'methods', 'benchmark', 'write_table', 'main']
+__all__ = ['COLUMNS', 'methods', 'measure_explainer', 'benchmark', 'write_table', 'main']
 
 # %% ../../nbs/95_explainers_bench.ipynb #aa8964ae
 def _ours(fn):
@@ -87,7 +87,7 @@ def _class_mean(values: torch.Tensor, classes: torch.Tensor, num_classes: int) -
     "Mean over the classes that occur of each class's mean value (pointing games are reported per class)."
     return float(np.nanmean([values[classes == k].mean().item() for k in range(num_classes) if (classes == k).any()]))
 
-def _measure(fn: Callable, model: nn.Module, val: dict, batch_size: int, steps: int) -> dict:
+def measure_explainer(fn: Callable, model: nn.Module, val: dict, batch_size: int, steps: int) -> dict:
     "One method over `val` in batches (after a warm-up call): its timing and faithfulness columns of the table."
     C = val["label"].shape[1]
     times, dels, ins, pg, epg, cm = [], [], [], [], [], ConfusionMatrix(C + 1)
@@ -113,7 +113,8 @@ def _measure(fn: Callable, model: nn.Module, val: dict, batch_size: int, steps: 
 def _caption(val: dict, size: int, batch_size: int, steps: int, how: str, f1: float) -> str:
     n_pairs = int((val["label"] > 0).sum())
     return (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
-            f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). ViT: patch 16, "
+            f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). "
+            f"ViT: patch {SYNTH_ARCH['patch_size']}, "
             f"width 64, 6 blocks, 2 heads ({how}; val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all "
             f"present classes of a batch. Deletion / insertion: RISE, {steps} steps, baselines 0 (normalised) and "
             f"blur (11, sigma 5), sigmoid score, mean over pairs. Pointing game (tolerance 0) and energy-based "
@@ -134,7 +135,7 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
     rows = []
     for mname, fn in methods().items():
         if isinstance(fn, str): rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn})
-        else: rows.append({"method": mname, **_measure(fn, model, val, batch_size, steps), "note": ""})
+        else: rows.append({"method": mname, **measure_explainer(fn, model, val, batch_size, steps), "note": ""})
     write_table(rows, Path(out), name, _caption(val, size, batch_size, steps, how, f1))
     return rows
 

@@ -1,0 +1,71 @@
+"""getam.repro.pooled: the read-out row that follows the pooling equals a slow per-(image, class) reference on an
+average-pooled ViT, is Eq. 2 exactly for the [class] row, and the decision rule does what the notebook says."""
+import pytest
+import timm
+import torch
+
+from getam.backbones import record_attention
+from getam.cams import getam
+from getam.repro.pooled import SCORES, decide, pooled_chefer, pooled_getam
+
+
+def pooled_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, global_pool="avg", fc_norm=False).eval()
+    for p in model.parameters(): p.data.normal_(0, 0.2)
+    return model
+
+
+def slow_reference(model, images, labels, chefer=False):
+    "Per (image, class): its own forward, autograd.grad of the logit, the mean over the patch rows of each block's map."
+    maps = torch.zeros(*labels.shape, 16, dtype=torch.float64)
+    for b in range(len(images)):
+        for c in torch.nonzero(labels[b] > 0).flatten().tolist():
+            with record_attention(model, [0, 1]) as rec, torch.enable_grad():
+                logit = model(images[b:b + 1])[0, c]
+            attn = rec.attn
+            grads = torch.autograd.grad(logit, attn)
+            if chefer:
+                R = torch.eye(17, dtype=torch.float64)
+                for a, g in zip(attn, grads):
+                    R = R + (g[0].double() * a[0].double()).clamp(min=0).mean(0) @ R
+                maps[b, c] = R[1:, 1:].mean(0)
+                continue
+            for a, g in zip(attn, grads):
+                a, g = a[0].double(), g[0].double()
+                first = (g * a).clamp(min=0).mean(0)[1:, 1:].mean(0)       # mean over the patch rows
+                second = g.clamp(min=0).mean(0)[1:, 1:].mean(0)
+                maps[b, c] += first * second
+    return maps.view(*labels.shape, 4, 4)
+
+
+def test_mean_rows_equal_the_slow_reference_on_an_average_pooled_vit():
+    model = pooled_vit()
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([[1., 0, 1], [0, 1, 0], [1, 1, 1]])
+    ref = slow_reference(model, x, y)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(pooled_getam(model, x, y, "mean").double(), ref, rtol=1e-4, atol=1e-7 * ref.max().item())
+    ref = slow_reference(model, x, y, chefer=True)
+    torch.testing.assert_close(pooled_chefer(model, x, y, "mean").double(), ref, rtol=1e-4, atol=1e-6)
+    # the [class] row on this head is a different map (the row the head never reads)
+    assert not torch.allclose(pooled_getam(model, x, y, "token"), pooled_getam(model, x, y, "mean"))
+    with pytest.raises(ValueError, match="never reads"): getam(model, x, y)
+
+
+def rows(token: dict, pooled: dict, sd: float = 0.01) -> list[dict]:
+    def row(head, method, values):
+        return dict(head=head, method=method, **{s: v for s, v in zip(SCORES, values)},
+                    **{s + " sd": sd for s in SCORES})
+    return [row("token", "GETAM", token), row("mean", "GETAM (mean rows)", pooled)]
+
+
+def test_the_decision_rule():
+    base = [0.10, 0.90, 0.80, 0.70, 50.0]
+    assert decide(rows(base, base))[0]
+    assert decide(rows(base, [0.105, 0.895, 0.795, 0.695, 10.0]))[0]          # within the spread; mIoU does not vote
+    offer, why = decide(rows(base, [0.13, 0.90, 0.80, 0.70, 50.0]))          # deletion 0.03 worse than 0.01 spread
+    assert not offer and "deletion AUC 0.130 vs 0.100" in why
+    offer, why = decide(rows(base, [0.10, 0.90, 0.70, 0.70, 50.0]))
+    assert not offer and "pointing game 0.700 vs 0.800" in why
