@@ -588,6 +588,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'getam.train.singlestage.train': ('singlestage.html#train', 'getam/train/singlestage.py')},
             'getam.train.step': { 'getam.train.step._saliency': ('step.html#_saliency', 'getam/train/step.py'),
                                   'getam.train.step.class_token_saliency': ('step.html#class_token_saliency', 'getam/train/step.py'),
+                                  'getam.train.step.joint_losses': ('step.html#joint_losses', 'getam/train/step.py'),
+                                  'getam.train.step.recorded_forward': ('step.html#recorded_forward', 'getam/train/step.py'),
                                   'getam.train.step.step_losses': ('step.html#step_losses', 'getam/train/step.py'),
                                   'getam.train.step.train_step': ('step.html#train_step', 'getam/train/step.py'),
                                   'getam.train.step.training_targets': ('step.html#training_targets', 'getam/train/step.py'),
