@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'save_weights', 'time_side_by_side', 'format_timings', 'MissingExtra',
-           'require_extra', 'run_cli', 'parser_from_signature']
+__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'environ', 'save_weights', 'time_side_by_side', 'format_timings',
+           'MissingExtra', 'require_extra', 'run_cli', 'parser_from_signature']
 
 # %% ../nbs/01_utils.ipynb #329a91e7
 def seed_everything(seed: int) -> None:
@@ -42,6 +42,19 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
+
+# %% ../nbs/01_utils.ipynb #e0160b49
+@contextmanager
+def environ(**values: str):
+    "Set environment variables for the block, restoring the previous values (or their absence) after it."
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
 
 # %% ../nbs/01_utils.ipynb #7617979d
 def save_weights(path: str | Path, state_dict: dict, record: dict | None = None, sha256: bool = False) -> Path:

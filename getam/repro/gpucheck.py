@@ -6,7 +6,7 @@ training step on ViT-Hybrid-B, and NCCL DDP."""
 
 # %% ../../nbs/94_gpucheck.ipynb #a535f6c2
 from __future__ import annotations
-import argparse, contextlib, json, math, os, socket, subprocess, sys, tempfile, time
+import argparse, json, math, os, socket, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from ..model import GetamSegmenter
 from .reference import released_recipe, vjp_floor
 from ..train.step import step_losses
 from ..train.singlestage import build_model, build_optimizer, make_config
-from ..utils import atomic_path, format_timings, run_cli, time_side_by_side
+from ..utils import atomic_path, environ, format_timings, run_cli, time_side_by_side
 
 # %% auto #0
 __all__ = ['PARTS', 'synced', 'find_tests', 'junit_rows', 'run_cuda_tests', 'time_getam', 'time_train_step', 'ddp_step',
@@ -145,17 +145,6 @@ def time_train_step(device: torch.device | str = "cuda", repeats: int = 5, backb
                 peak_memory_mib=None if peak is None else round(peak, 1), first_loss=losses[0], last_loss=losses[-1])
 
 # %% ../../nbs/94_gpucheck.ipynb #5e93fe0a
-@contextlib.contextmanager
-def _environ(**values):
-    "Set environment variables for the block, restoring the previous values after it."
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try: yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,7 +156,7 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
     if device.type == "cuda" and device.index is None: device = torch.device("cuda", torch.cuda.current_device())
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this process")
-    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"):
+    with environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"):
         if device.type == "cuda": torch.cuda.set_device(device)
         dist.init_process_group(backend)
         try:
