@@ -33,7 +33,7 @@ def import_pydensecrf():
     except ImportError as e: raise ImportError(CRF_INSTALL) from e
     return dcrf, unary_from_softmax
 
-
+# %% ../nbs/23_crf.ipynb #0dc7a687
 def crf_params(crf: str | dict | None) -> dict | None:
     "Resolve a CRF setting name (`released`, `deeplab`), a dict of overrides of `released`, or None."
     if crf is None or crf in ("none", False): return None
@@ -63,12 +63,13 @@ def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
     d.addPairwiseBilateral(sxy=p["bi_sxy"], srgb=p["bi_srgb"], rgbim=np.ascontiguousarray(image), compat=p["bi_compat"])
     return np.asarray(d.inference(p["iters"]), np.float32).reshape(K, H, W)
 
+# %% ../nbs/23_crf.ipynb #eec9e7a7
 def dense_crf_job(job: tuple) -> np.ndarray:
     "`dense_crf` of one `(image, probs, params)` job: a module-level function, so that a process pool can send it."
     image, probs, params = job
     return dense_crf(image, probs, params)
 
-
+# %% ../nbs/23_crf.ipynb #2fcf4c8c
 def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released",
               processes: int = 2) -> list[np.ndarray]:
     "`dense_crf` over many images, in `processes` worker processes (in this process when `processes <= 1`)."

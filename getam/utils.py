@@ -95,6 +95,7 @@ def format_timings(times: dict[str, float], baseline: str | None = None) -> str:
 class MissingExtra(ImportError):
     "A package outside getam's core install is not installed; the message names the extra that brings it."
 
+# %% ../nbs/01_utils.ipynb #26fd95e7
 def require_extra(module: str, extra: str = "notebooks", needed_by: str | None = None):
     """Import and return `module` (`seaborn`, `IPython.display`); if it is missing, raise `MissingExtra` naming
     `getam[extra]`."""

@@ -49,6 +49,7 @@ def find_tests() -> Path | None:
         if (root / "tests" / "test_cuda.py").is_file(): return root / "tests"
     return None
 
+# %% ../../nbs/94_gpucheck.ipynb #ea6a89e7
 def junit_rows(path: str | Path) -> list[dict]:
     "One row per test case of a JUnit XML report: name, outcome (passed | failed | error | skipped), seconds, message."
     rows = []
@@ -63,6 +64,7 @@ def junit_rows(path: str | Path) -> list[dict]:
                          seconds=round(float(case.get("time") or 0), 2), message=message))
     return rows
 
+# %% ../../nbs/94_gpucheck.ipynb #8929a6af
 def run_cuda_tests(tests: str | Path | None = None, timeout: int = 300) -> dict:
     """Run the `cuda`-marked tests of `tests` (default `find_tests()`) in a child pytest
     → counts per outcome and the rows."""
@@ -209,6 +211,7 @@ def format_report(report: dict) -> str:
     lines += [f"{a:{w[0]}}  {b:{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
     return "\n".join(lines)
 
+# %% ../../nbs/94_gpucheck.ipynb #3b8f7024
 def _write(report: dict, out: str | Path | None):
     if out is None: return
     with atomic_path(Path(out)) as tmp: tmp.write_text(json.dumps(report, indent=1, default=str))
@@ -227,6 +230,7 @@ def run_parts(parts: dict, report: dict, out: str | Path | None = None) -> dict:
         _write(report, out)
     return report
 
+# %% ../../nbs/94_gpucheck.ipynb #e423c1be
 def gpu_check(repeats: int = 5, out: str | Path | None = "gpu_check.json", tests: str | Path | None = None) -> dict:
     """Run every part of `PARTS` on the first CUDA device, print a table and write the report to `out` (JSON);
     without CUDA, skip them all."""

@@ -56,6 +56,7 @@ class SharedJob:
     kw: dict
     cost: float
 
+# %% ../../nbs/92_reproduce.ipynb #59953dac
 # Which shared models each reproduce notebook asks for (by the notebook's prefix). A test checks this table against the
 # notebooks' own calls, so a notebook that starts to use another shared model cannot be forgotten here.
 NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6": ("vit",), "fig7": ("vit",),
@@ -95,6 +96,7 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 330))
     return sorted(jobs, key=lambda j: -j.cost)
 
+# %% ../../nbs/92_reproduce.ipynb #ee9774c0
 # what a SharedJob may call
 JOB_FUNCTIONS = {"classifier": classifier, "trained_run": trained_run, "main_run": main_run, "deeplab_run": deeplab_run,
                  "oracle_run": oracle_run, "backbone_run": backbone_run, "coco_run": coco_run}
@@ -134,7 +136,6 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
             except Exception as e: rows[i] = row(jobs[i], "failed", time.time() - t0, fail(e))
     finally: ex.shutdown(wait=True, cancel_futures=True)
     return rows
-
 
 # %% ../../nbs/92_reproduce.ipynb #c6346827
 def run_notebook(nb: Path, out: Path, runs: Path, parameters: dict, kernel: str = "python3",

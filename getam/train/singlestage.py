@@ -396,6 +396,7 @@ def cli_config(argv: list[str] | None = None) -> TrainConfig:
     "The `TrainConfig` of a command line: `make_config` of its options; `DEFAULT_PRESET` unless `--preset` is given."
     return make_config(**{"preset": DEFAULT_PRESET, **vars(arg_parser().parse_args(argv))})
 
+# %% ../../nbs/55_singlestage.ipynb #c0546e21
 def main(argv: list[str] | None = None) -> dict:
     res = train(cli_config(argv))
     if res["metrics"]: print(json.dumps({k: v for k, v in res["metrics"].items() if not isinstance(v, dict)}, indent=1))
