@@ -34,6 +34,7 @@ def present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.argsort(pos.to(torch.int8), dim=1, descending=True, stable=True)[:, :K]
     return idx, pos.gather(1, idx)
 
+# %% ../nbs/22_completion.ipynb #7a0ca20b
 def gather_classes(maps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     "`maps: [B, C, H, W]` -> `[B, K, H, W]` at the class indices `idx: [B, K]`."
     return maps.gather(1, idx.to(maps.device)[:, :, None, None].expand(-1, -1, *maps.shape[-2:]))
@@ -43,6 +44,7 @@ def background_channel(maps: torch.Tensor, gamma: float = 32) -> torch.Tensor:
     "`(1 - max_c maps)^gamma` for `maps: [B, C, H, W]` in [0, 1] -> `[B, 1, H, W]`."
     return (1 - maps.amax(1, keepdim=True)).clamp(min=0) ** gamma
 
+# %% ../nbs/22_completion.ipynb #ba448f20
 def activation_argmax(maps: torch.Tensor, labels: torch.Tensor, gamma: float = 32) -> torch.Tensor:
     """Fig. 8 (a): argmax of `[background_channel, maps]` over present classes -> `[B, H, W]`
     (0 background, c+1 class c)."""
@@ -93,6 +95,7 @@ def mining_thresholds(maps: torch.Tensor, alpha: float = 0.9,
     t = vals.gather(-1, (n - k - 1).clamp(0, top - 1)[..., None])[..., 0]
     return t, valid
 
+# %% ../nbs/22_completion.ipynb #a2b5113d
 def mine_high_activation(pseg: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor,
                          alpha: float = 0.9, min_value: float = 0) -> torch.Tensor:
     """Eq. 5 on the non-salient pixels of `pseg: [B, H, W]`: one high class -> that class (c+1), several -> 255,
@@ -161,6 +164,7 @@ def label_maps(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, re
     m = normalize_maps(m.clamp(min=0), eps=1e-5) * ok[:, :, None, None]
     return torch.zeros_like(maps).scatter_(1, idx[:, :, None, None].expand_as(m), m)
 
+# %% ../nbs/22_completion.ipynb #1147b680
 def pseudo_labels(image: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, saliency: torch.Tensor | str,
                   refine: bool = True, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), iters: int = 10,
                   **kwargs) -> torch.Tensor:
@@ -208,6 +212,7 @@ def crf_labels(image: np.ndarray, probs, params: str | dict = "released") -> np.
     (`pip install pydensecrf2`)."""
     return dense_crf(image, probs, params).argmax(0).astype(np.int64)
 
+# %% ../nbs/22_completion.ipynb #8f850751
 def crf_pseudo_labels(image: np.ndarray, maps, labels, gamma: float = 32,
                       params: str | dict = "released") -> np.ndarray:
     "Table 2's CRF baseline for one image: `maps: [C, H, W]` in [0, 1], `labels: [C]` -> labels `[H, W]` (0 bg, c+1)."

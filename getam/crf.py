@@ -6,14 +6,16 @@ completion of Table 2."""
 # %% ../nbs/23_crf.ipynb #eed4e73a
 from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
-from typing import Sequence
+from collections import deque
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 
 # %% auto #0
-__all__ = ['CRF_PARAMS', 'CRF_INSTALL', 'import_pydensecrf', 'crf_params', 'dense_crf', 'dense_crf_job', 'crf_batch']
+__all__ = ['CRF_PARAMS', 'CRF_INSTALL', 'import_pydensecrf', 'crf_params', 'dense_crf', 'dense_crf_job', 'crf_batch',
+           'crf_stream']
 
 # %% ../nbs/23_crf.ipynb #792b2fbf
 CRF_PARAMS = {
@@ -31,7 +33,7 @@ def import_pydensecrf():
     except ImportError as e: raise ImportError(CRF_INSTALL) from e
     return dcrf, unary_from_softmax
 
-
+# %% ../nbs/23_crf.ipynb #0dc7a687
 def crf_params(crf: str | dict | None) -> dict | None:
     "Resolve a CRF setting name (`released`, `deeplab`), a dict of overrides of `released`, or None."
     if crf is None or crf in ("none", False): return None
@@ -61,12 +63,13 @@ def dense_crf(image, probs, params: str | dict = "released") -> np.ndarray:
     d.addPairwiseBilateral(sxy=p["bi_sxy"], srgb=p["bi_srgb"], rgbim=np.ascontiguousarray(image), compat=p["bi_compat"])
     return np.asarray(d.inference(p["iters"]), np.float32).reshape(K, H, W)
 
+# %% ../nbs/23_crf.ipynb #eec9e7a7
 def dense_crf_job(job: tuple) -> np.ndarray:
     "`dense_crf` of one `(image, probs, params)` job: a module-level function, so that a process pool can send it."
     image, probs, params = job
     return dense_crf(image, probs, params)
 
-
+# %% ../nbs/23_crf.ipynb #2fcf4c8c
 def crf_batch(images: Sequence, probs: Sequence, params: str | dict = "released",
               processes: int = 2) -> list[np.ndarray]:
     "`dense_crf` over many images, in `processes` worker processes (in this process when `processes <= 1`)."
@@ -87,3 +90,21 @@ def _edge_example(H: int = 16, W: int = 24, edge: int = 12, shift: int = 4, blur
     p1 = 1 / (1 + np.exp(-(x - (edge + shift)) / blur))
     p1 = np.broadcast_to(0.2 + 0.6 * p1, (H, W))
     return image, np.stack([1 - p1, p1]).astype(np.float32)
+
+# %% ../nbs/23_crf.ipynb #d353a286
+def crf_stream(jobs: Iterable[tuple], params: str | dict = "released", processes: int = 2) -> Iterator[tuple]:
+    """`dense_crf` over a stream of `(key, image, probs)` jobs → `(key, refined probs)` in the jobs' order, in
+    `processes` worker processes (in this process when `processes <= 1`) with at most `2 * processes` in flight."""
+    if processes <= 1:
+        for key, image, probs in jobs: yield key, dense_crf(image, probs, params)
+        return
+    ex, pending = ProcessPoolExecutor(processes), deque()
+    try:
+        for key, image, probs in jobs:
+            pending.append((key, ex.submit(dense_crf_job, (image, probs, params))))
+            while len(pending) > 2 * processes or (pending and pending[0][1].done()):
+                done_key, future = pending.popleft()
+                yield done_key, future.result()
+        for key, future in pending: yield key, future.result()
+    finally: ex.shutdown(cancel_futures=True)
+

@@ -67,6 +67,7 @@ class ASPP(nn.Module):
             nn.init.zeros_(c.bias)
     def forward(self, x): return sum(b(x) for b in self.branches)
 
+# %% ../nbs/31_deeplab.ipynb #b9ddbe83
 class DeepLabV2(nn.Module):
     "DeepLab v2: dilated ResNet (output stride 8) + ASPP. `forward(x: [B,3,H,W]) -> logits [B, num_classes, H, W]`."
     def __init__(self, num_classes: int = 21, backbone: str = "resnet101", weights: str | Path | None = None,
@@ -114,11 +115,13 @@ def save_deeplab(model: DeepLabV2, path: str | Path, **state) -> Path:
     "Write `path` (a .safetensors file, or a folder → `model.safetensors`) and its `.json` config, atomically."
     return save_weights(_paths(path)[0], model.state_dict(), {**model.config, **state})
 
+# %% ../nbs/31_deeplab.ipynb #47063458
 def checkpoint_config(path: str | Path) -> dict:
     "The JSON config beside a checkpoint (empty dict when there is none)."
     c = _paths(path)[1]
     return json.loads(c.read_text()) if c.is_file() else {}
 
+# %% ../nbs/31_deeplab.ipynb #03c5313a
 def load_deeplab(path: str | Path, device="cpu") -> tuple[DeepLabV2, dict]:
     "Rebuild a DeepLabV2 from `save_deeplab`'s files; returns `(model in eval mode, config)`."
     wpath, cpath = _paths(path)

@@ -154,7 +154,7 @@ def class_names_of(dataset) -> list[str] | None:
     names = getattr(dataset, "class_names", None)
     return list(names) if names is not None else None
 
-
+# %% ../nbs/24_metrics.ipynb #71e3f0ab
 def metrics(cms: dict[str, ConfusionMatrix] | ConfusionMatrix) -> dict:
     "JSON-able summary: mIoU (%) and per-class IoU (%) of each confusion matrix."
     if isinstance(cms, ConfusionMatrix): cms = {"score": cms}
@@ -162,6 +162,7 @@ def metrics(cms: dict[str, ConfusionMatrix] | ConfusionMatrix) -> dict:
     return {k: {"miou": r(cm.miou()), "iou": dict(zip(cm.class_names, map(r, cm.iou().tolist()))),
                 "pixel_accuracy": r(cm.pixel_accuracy())} for k, cm in cms.items()}
 
+# %% ../nbs/24_metrics.ipynb #d983260c
 def summary_table(cms: dict[str, ConfusionMatrix]):
     "Per-class IoU (%) of every protocol side by side (a pandas DataFrame, last row mIoU)."
     pd = require_extra("pandas", needed_by="summary_table")
@@ -216,6 +217,7 @@ def score_folder(pred_dir: str | Path, gt, num_classes: int | None = None, class
         cm.update(torch.from_numpy(pred.astype(np.int64)), gt, name=str(p))
     return cm
 
+# %% ../nbs/24_metrics.ipynb #489d0887
 def score_pseudo_labels(label_fn: Callable[[dict], torch.Tensor], dataset, num_classes: int | None = None,
                         class_names: Sequence[str] | None = None, pred_ignore: str = "miss", limit: int | None = None,
                         device=None, progress: bool = True) -> ConfusionMatrix:

@@ -63,6 +63,7 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1
     if m.shape[-2:] != (H, W): m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners)
     return propagate(local_affinity(image, dilations), m, dilations, iters)
 
+# %% ../nbs/21_pamr.ipynb #3fa26396
 def propagate(aff: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
               iters: int = 10) -> torch.Tensor:
     """PAMR's iterations: `masks: [B, K, H, W]` ← the `aff: [8*len(dilations), B, H, W]`-weighted sum of their

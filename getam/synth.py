@@ -441,6 +441,7 @@ def require_synthvoc(root, version: int = LATEST_VERSION) -> Path:
                          f"and pass data_root=DIR, or pass synth_version={held} to use what {root} holds")
     return ensure_synthvoc(root, version=version)
 
+# %% ../nbs/11_synth.ipynb #85a6043e
 def synthvoc_version(root) -> int | None:
     "The SynthVOC version `root` holds (1 when its `synthvoc.json` names none), None when it holds no SynthVOC."
     meta_file = Path(root) / "synthvoc.json"
@@ -448,6 +449,7 @@ def synthvoc_version(root) -> int | None:
     try: return int(json.loads(meta_file.read_text()).get("version", 1))
     except (json.JSONDecodeError, ValueError, TypeError): return None
 
+# %% ../nbs/11_synth.ipynb #197d3548
 def ensure_synthvoc(out, seed: int | None = None, n_train: int | None = None, n_val: int | None = None,
                     size: int | None = None, fmt: str = "voc", progress: bool = False,
                     version: int | None = None) -> Path:

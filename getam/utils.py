@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'save_weights', 'time_side_by_side', 'format_timings', 'MissingExtra',
-           'require_extra', 'run_cli', 'parser_from_signature']
+__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'environ', 'save_weights', 'time_side_by_side', 'format_timings',
+           'MissingExtra', 'require_extra', 'run_cli', 'parser_from_signature']
 
 # %% ../nbs/01_utils.ipynb #329a91e7
 def seed_everything(seed: int) -> None:
@@ -42,6 +42,19 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
+
+# %% ../nbs/01_utils.ipynb #e0160b49
+@contextmanager
+def environ(**values: str):
+    "Set environment variables for the block, restoring the previous values (or their absence) after it."
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
 
 # %% ../nbs/01_utils.ipynb #7617979d
 def save_weights(path: str | Path, state_dict: dict, record: dict | None = None, sha256: bool = False) -> Path:
@@ -82,6 +95,7 @@ def format_timings(times: dict[str, float], baseline: str | None = None) -> str:
 class MissingExtra(ImportError):
     "A package outside getam's core install is not installed; the message names the extra that brings it."
 
+# %% ../nbs/01_utils.ipynb #26fd95e7
 def require_extra(module: str, extra: str = "notebooks", needed_by: str | None = None):
     """Import and return `module` (`seaborn`, `IPython.display`); if it is missing, raise `MissingExtra` naming
     `getam[extra]`."""
@@ -135,24 +149,33 @@ def _type_hints(fn: Callable) -> dict:
 def parser_from_signature(fn: Callable, prog: str, description: str = "", help: dict[str, str] | None = None,
                           skip: Sequence[str] = (), rename: dict[str, str] | None = None,
                           defaults: dict | None = None, choices: dict[str, Sequence] | None = None,
-                          extra: dict[str, dict] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one `--kebab-case` option per keyword argument of `fn` (but `skip`): default and type
-    from the signature, help from `help` with `(default: …)` appended (unless the help states a default). `rename`:
-    parameter → option name; `defaults`: parameter → the command line's own default (`None`: `main` resolves it);
-    `choices`: parameter → allowed values; `extra`: more options, flag → `add_argument` keywords.
-    Options parse into `fn`'s parameter names, so `fn(**vars(parser.parse_args(argv)))` calls it."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+                          extra: dict[str, dict] | None = None, given_only: bool = False,
+                          value_type: Callable[[str], object] | None = None,
+                          default_format: str = "(default: {})") -> argparse.ArgumentParser:
+    """An argparse parser with one `--kebab-case` option per keyword argument of `fn` (but `skip`; a dataclass: per
+    field): default and type from the signature, help from `help` with the default appended in `default_format`
+    (unless the help states one, `default: …`). `rename`: parameter → option name; `defaults`: parameter → the command
+    line's own default (`None`: `main` resolves it); `choices`: parameter → allowed values; `extra`: more options,
+    flag → `add_argument` keywords. `given_only`: an option not on the command line stays out of the namespace (the
+    help still shows the signature's default); `value_type`: parses every single value that is not a flag, instead
+    of the annotation's type. Options parse into `fn`'s parameter names, so `fn(**vars(parser.parse_args(argv)))`
+    calls it."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                argument_default=argparse.SUPPRESS if given_only else None)
     hints, help, rename, defaults = _type_hints(fn), help or {}, rename or {}, defaults or {}
     for name, par in inspect.signature(fn).parameters.items():
         if name in skip or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD): continue
-        kw = _option_type(name, hints.get(name), None if par.default is par.empty else par.default)
-        if par.default is par.empty: kw["required"] = True
-        else: kw["default"] = defaults.get(name, par.default)
+        has_default, shown = par.default is not par.empty, defaults.get(name, par.default)
+        kw = _option_type(name, hints.get(name), par.default if has_default else None)
+        if value_type is not None and "type" in kw and "nargs" not in kw: kw["type"] = value_type
+        if not has_default: kw["required"] = True
+        elif not given_only: kw["default"] = shown
         text = help.get(name, "")
-        if "default" in kw and "default" not in text: text = f"{text} (default: {kw['default']})".strip()
+        if has_default and "default:" not in text: text = f"{text} {default_format.format(shown)}".strip()
         flag = "--" + rename.get(name, name).replace("_", "-")
         if name in rename and "action" not in kw: kw["metavar"] = rename[name].upper()
         action = p.add_argument(flag, dest=name, choices=(choices or {}).get(name), **kw)
         action.help = text.replace("%", "%%")   # BooleanOptionalAction appends a default of its own on Python < 3.14
     for flag, kw in (extra or {}).items(): p.add_argument(flag, **kw)
     return p
+

@@ -6,6 +6,7 @@ measured side by side in one run; `gpu` runs the GPU checks (`getam.repro.gpuche
 # %% ../../nbs/93_bench.ipynb #3f6e8ad4
 from __future__ import annotations
 import argparse, dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,13 @@ from ..utils import format_timings, run_cli, time_side_by_side
 
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'benchmark_train', 'run_benchmark', 'main']
+__all__ = ['BENCHMARKS', 'benchmark_batch', 'step_candidates', 'benchmark_train', 'run_benchmark', 'main']
 
 # %% ../../nbs/93_bench.ipynb #efd70539
-def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", size: int = 128, batch: int = 8,
-              ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0) -> dict[str, float]:
-    """Time plain / ours / released training steps side by side;
-    print a table and the ratio ours / plain (target <= 1.35)."""
-    torch.manual_seed(seed)
-    cfg = TrainConfig(backbone=backbone, crop_size=size, dropout=0.0)
-    model = build_model(cfg, num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    ks = tuple(ks)[:batch] + (1,) * max(0, batch - len(ks))
+def benchmark_batch(batch: int = 8, size: int = 128, ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20,
+                    seed: int = 0) -> dict:
+    """A random training batch of `batch` images `[3, size, size]` for `benchmark_train`, image `i` with `ks[i]` present
+    classes (drawn from torch's global generator), and `mask`s made from random maps by `training_targets`."""
     g = torch.Generator().manual_seed(seed)
     b = dict(image=torch.randn(batch, 3, size, size, generator=g),
              saliency=(torch.rand(batch, size, size, generator=g) > 0.5).long())
@@ -40,52 +36,62 @@ def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", si
     for i, k in enumerate(ks): b["label"][i, torch.randperm(num_classes)[:k]] = 1
     b["mask"] = training_targets(torch.rand(batch, num_classes, size // 16, size // 16),
                                  b["image"], b["label"], b["saliency"])
+    return b
+
+
+# %% ../../nbs/93_bench.ipynb #032dc7cd
+def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+def step_candidates(model, opt: torch.optim.Optimizer, b: dict, cfg: TrainConfig) -> dict[str, Callable[[], None]]:
+    "The training steps `benchmark_train` times, by name, on `model` (built from `cfg`) and the batch `b`."
     def plain():
         cls, seg = model(b["image"], with_seg=True)
-        loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    def ours():
-        loss = step_losses(model, b, phase=2, **cfg.step_settings())["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # the floor of any GETAM step: the recorded forward, the max-K VJPs and the plain losses, no pseudo labels
+        _sgd_step(opt, F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"]))
     def vjps_only():
         with record_attention(model, cfg.layers) as rec: cls, seg = model(b["image"], with_seg=True)
         maps_from_attention(cls, rec.attn, b["label"], rec.grid, rec.num_prefix_tokens, retain_graph=True)
-        loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    cfg6 = dataclasses.replace(cfg, layers=list(range(len(model.backbone.blocks) // 2, len(model.backbone.blocks))))
-    def ours_half():
-        loss = step_losses(model, b, phase=2, **cfg6.step_settings())["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _sgd_step(opt, F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, b["mask"]))
+    depth = len(model.backbone.blocks)
+    last_half = dataclasses.replace(cfg, layers=list(range(depth // 2, depth)))
+    def ours(): _sgd_step(opt, step_losses(model, b, phase=2, **cfg.step_settings())["loss"])
+    def ours_half(): _sgd_step(opt, step_losses(model, b, phase=2, **last_half.step_settings())["loss"])
     def released():
         maps = released_recipe(model, b["image"], b["label"])
         target = training_targets(maps, b["image"], b["label"], b["saliency"])
         cls, seg = model(b["image"], with_seg=True)
-        loss = F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _sgd_step(opt, F.multilabel_soft_margin_loss(cls, b["label"]) + seg_loss(seg, target))
+    return {"(a) plain": plain, "(a') floor": vjps_only, "(b) ours": ours, "(b') ours, last half": ours_half,
+            "(c) released": released}
+
+
+# %% ../../nbs/93_bench.ipynb #a5d054a5
+def benchmark_train(repeats: int = 5, backbone: str = "vit_tiny_patch16_224", size: int = 128, batch: int = 8,
+                    ks: tuple = (3, 2, 2, 1, 1, 1, 1, 1), num_classes: int = 20, seed: int = 0) -> dict[str, float]:
+    """Time plain / ours / released training steps side by side;
+    print a table and the ratio ours / plain (target <= 1.35)."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(backbone=backbone, crop_size=size, dropout=0.0)
+    model = build_model(cfg, num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    ks = tuple(ks)[:batch] + (1,) * max(0, batch - len(ks))
+    b = benchmark_batch(batch, size, ks, num_classes, seed)
     print(f"{backbone} at {size}px + DPT decoder ({model.features} features), batch {batch}, {num_classes} classes, "
           f"K per image {list(ks)} (sum {sum(ks)}, max {max(ks)})")
     print("(a) plain cls+seg step | (b) ours: 1 forward + max-K VJPs + pseudo labels + 1 backward | "
           "(c) released: 1 forward + one full backward per (image, class) + 2nd forward + backward")
     print("(a') floor: (a) + recording the attention + the max-K VJPs, no pseudo labels | "
           "(b') ours with GETAM on the last half of the blocks only (the released code's start_layer=6 of 12)")
-    t = time_side_by_side({"(a) plain": plain, "(a') floor": vjps_only, "(b) ours": ours,
-                           "(b') ours, last half": ours_half, "(c) released": released}, repeats=repeats)
+    t = time_side_by_side(step_candidates(model, opt, b, cfg), repeats=repeats)
     print(format_timings(t))
-    a, f, o, h, r = t.values()
-    print(f"ours / plain: {o / a:.2f} (target <= 1.35); floor / plain: {f / a:.2f}; ours / floor: {o / f:.2f}; "
-          f"last-half blocks / plain: {h / a:.2f}; released / ours: {r / o:.2f}")
+    plain, floor, ours, half, released = t.values()
+    print(f"ours / plain: {ours / plain:.2f} (target <= 1.35); floor / plain: {floor / plain:.2f}; "
+          f"ours / floor: {ours / floor:.2f}; last-half blocks / plain: {half / plain:.2f}; "
+          f"released / ours: {released / ours:.2f}")
     return t
+
 
 # %% ../../nbs/93_bench.ipynb #78ac3c04
 BENCHMARKS = {"cams": reference.benchmark_cams, "completion": reference.benchmark_completion, "train": benchmark_train,

@@ -43,11 +43,13 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
     "`{runs_dir}/reproduce` (settings.ini key `runs_dir`)."
     return Path(runs_dir or get_settings()["runs_dir"]) / "reproduce"
 
+# %% ../../nbs/91_experiments.ipynb #e166bf92
 def dataset_root(dataset: str = "synth", root: str | Path | None = None) -> Path:
     "The data root (`{dataset}_root` of settings.ini unless given); SynthVOC is generated there on first use."
     root = Path(root or get_settings()[f"{dataset}_root"])
     return ensure_synthvoc(root) if dataset == "synth" else root
 
+# %% ../../nbs/91_experiments.ipynb #02ab0fb8
 # the notebooks' image size (long side): SynthVOC's own, and the shipped ViT's pretraining size (16 × 16 tokens of 8 px)
 SIZE = 128
 
@@ -57,12 +59,14 @@ def load_split(dataset: str = "synth", split: str = "train", size: int | None = 
     sal = default_saliency_root(dataset, root if given else None) if saliency else None
     return load_dataset(dataset, root, split, saliency_root=sal, transform=LongSideResize(size) if size else None)
 
+# %% ../../nbs/91_experiments.ipynb #31a64976
 @functools.cache
 def input_stats() -> tuple[tuple, tuple]:
     """(mean, std) of the shared classifiers' inputs: those of the shipped ViT's pretraining (timm's for
     `vit_tiny_patch16_224`: 0.5, 0.5)."""
     return norm_stats(vit_classifier(1, pretrained=False))
 
+# %% ../../nbs/91_experiments.ipynb #755a8aee
 def stack_items(ds, limit: int | None = None) -> dict:
     """The first `limit` items of `ds` stacked: `image` uint8 [N,3,H,W], `x` float normalised with `input_stats`,
     `label`, `mask`, `saliency`, `name`."""
@@ -83,11 +87,11 @@ def vit_classifier(num_classes: int, size: int = SIZE, pretrained: bool = True) 
     return create_backbone(PRESETS["synth"]["backbone"], pretrained=pretrained, num_classes=num_classes, img_size=size,
                            download=False, **SYNTH_ARCH)
 
+# %% ../../nbs/91_experiments.ipynb #16c4c70a
 def cnn_classifier(num_classes: int) -> nn.Module:
     """The CNN of the CAM baselines: timm `resnet10t` (GAP + linear classifier) at output stride 16 (an 8 × 8 map at
     128 px), random init."""
     return timm.create_model("resnet10t", pretrained=False, num_classes=num_classes, output_stride=16)
-
 
 # %% ../../nbs/91_experiments.ipynb #57ecd9c7
 # fine-tuning the shipped ViT needs few epochs; from scratch, many
@@ -103,6 +107,7 @@ def checkpoint_path(kind: str = "vit", dataset: str = "synth", size: int = SIZE,
     tag = ("-scratch" if kind == "vit" and not pretrained else "") + (f"-s{seed}" if seed else "")
     return runs_root(runs_dir) / "checkpoints" / f"{dataset}-{kind}-{size}px{tag}.safetensors"
 
+# %% ../../nbs/91_experiments.ipynb #66da8c70
 def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path | None = None, size: int = SIZE,
                epochs: int | None = None, root=None, runs_dir=None, progress: bool = True, threads: int | None = None,
                seed: int = 0, pretrained: bool = True) -> nn.Module:
@@ -143,6 +148,7 @@ def classifier(kind: str = "vit", dataset: str = "synth", checkpoint: str | Path
     save_weights(path, model.state_dict(), info)
     return model.eval()
 
+# %% ../../nbs/91_experiments.ipynb #3653e3f2
 def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = SIZE, runs_dir=None, pretrained: bool = True,
                     seed: int = 0) -> dict:
     "The JSON record written beside a shared classifier."
@@ -167,6 +173,7 @@ def run_config_diff(cfg, recorded: dict) -> dict:
     return {k: (recorded.get(k, missing), v) for k, v in _jsonable(dataclasses.asdict(cfg)).items()
             if k not in RUNTIME_FIELDS and recorded.get(k, missing) != v}
 
+# %% ../../nbs/91_experiments.ipynb #c23b649a
 def load_run(out_dir: str | Path) -> dict:
     """A finished `getam.train.singlestage` run folder: `model` (eval mode, CPU), `metrics` (its metrics.json),
     `cfg` (TrainConfig), `out_dir`, input `mean`/`std`."""
@@ -189,6 +196,7 @@ def load_run(out_dir: str | Path) -> dict:
     mean, std = norm_stats(model.backbone) if cfg.pretrained or cfg.weights else (None, None)
     return dict(model=model.eval(), metrics=metrics, cfg=cfg, out_dir=out_dir, mean=mean, std=std)
 
+# %% ../../nbs/91_experiments.ipynb #82634655
 def trained_run(name: str, dataset: str = "synth", root=None, runs_dir=None, progress: bool = True,
                 retrain: bool = True, **overrides) -> dict:
     """The end-to-end run of `make_config(preset="synth", dataset=dataset, pretrained=True, **overrides)` (from the
@@ -226,6 +234,7 @@ def run_name(*parts, quick: bool = False) -> str:
     "Folder name of a shared run: its parts joined by '-', and '-quick' for `QUICK` runs."
     return "-".join(str(p) for p in parts) + ("-quick" if quick else "")
 
+# %% ../../nbs/91_experiments.ipynb #b32c9ca5
 def _init_tag(pretrained: bool) -> list[str]: return [] if pretrained else ["scratch"]
 
 def main_run(dataset: str = "synth", quick: bool = False, pretrained: bool = True, **kw) -> dict:
@@ -235,6 +244,7 @@ def main_run(dataset: str = "synth", quick: bool = False, pretrained: bool = Tru
     return trained_run(run_name(dataset, "main", *_init_tag(pretrained), quick=quick), dataset, pretrained=pretrained,
                        **kw, **(QUICK if quick else {}))
 
+# %% ../../nbs/91_experiments.ipynb #fda83d04
 def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False,
                 tag: str | None = None, root=None, runs_dir=None, progress: bool = True, retrain: bool = True,
                 **overrides) -> dict:
@@ -250,6 +260,7 @@ def reduced_run(dataset: str = "synth", backbone: str | None = None, epochs: int
     return trained_run(name, dataset, root, runs_dir, progress, retrain,
                        backbone=bb, **{**overrides, **budget})
 
+# %% ../../nbs/91_experiments.ipynb #cd77112b
 def synth_coco_root(root=None) -> Path:
     """SynthVOC in COCO format (the same seed, sizes and images as the VOC-layout SynthVOC), generated once at `root`
     (default `{synth_root}-coco`)."""
@@ -258,6 +269,7 @@ def synth_coco_root(root=None) -> Path:
     return ensure_synthvoc(Path(root) if root else voc.with_name(voc.name + "-coco"), fmt="coco",
                            **{k: meta[k] for k in ("seed", "n_train", "n_val", "size") if k in meta})
 
+# %% ../../nbs/91_experiments.ipynb #a1e03007
 def coco_run(dataset: str = "synth", epochs: int = REDUCED_EPOCHS, quick: bool = False, **kw) -> dict:
     """Table 6's run (and Fig. 11's COCO row): COCO-format SynthVOC for `dataset='synth'`, else the COCO of
     settings.ini, `epochs` epochs."""
@@ -265,6 +277,7 @@ def coco_run(dataset: str = "synth", epochs: int = REDUCED_EPOCHS, quick: bool =
         return reduced_run("coco", epochs=epochs, quick=quick, tag="synthcoco", root=synth_coco_root(), **kw)
     return reduced_run("coco", epochs=epochs, quick=quick, **kw)
 
+# %% ../../nbs/91_experiments.ipynb #1845e552
 def oracle_run(dataset: str = "synth", quick: bool = False, pretrained: bool = True, **kw) -> dict:
     """Table 5's fully supervised oracle: the main run's preset, weights and number of steps with the ground-truth
     masks from step 0 (`supervision='gt'`, `cls_only_frac=0`); `pretrained=False`: the twin of the from-scratch
@@ -272,6 +285,7 @@ def oracle_run(dataset: str = "synth", quick: bool = False, pretrained: bool = T
     return trained_run(run_name(dataset, "oracle", *_init_tag(pretrained), quick=quick), dataset, supervision="gt",
                        cls_only_frac=0.0, pretrained=pretrained, **kw, **(QUICK if quick else {}))
 
+# %% ../../nbs/91_experiments.ipynb #1d3b7cec
 BACKBONES = {"ViT": "vit_tiny_patch16_224", "ViT-Hybrid": "vit_tiny_r_s16_p8_224", "DeiT": "deit_tiny_patch16_224",
              "DeiT-Distilled": "deit_tiny_distilled_patch16_224"}   # Table 4's families as tiny timm models
 
@@ -290,6 +304,7 @@ def backbone_overrides(backbone: str) -> dict:
     return dict(patch_size=max(1, make_config(preset="synth").patch_size // stem),
                 layers=list(range(depth // 2, depth)))
 
+# %% ../../nbs/91_experiments.ipynb #c5429a2e
 def backbone_run(dataset: str = "synth", backbone: str | None = None, epochs: int = REDUCED_EPOCHS, quick: bool = False,
                  **kw) -> dict:
     "Table 4's run of `backbone`: `reduced_run` with `backbone_overrides(backbone)`."
@@ -323,6 +338,7 @@ def trained_deeplab(run: dict, name: str, steps: int = 64, backbone: str = "resn
     with atomic_path(out_dir / "metrics.json") as t: t.write_text(json.dumps(res, indent=1))
     return res
 
+# %% ../../nbs/91_experiments.ipynb #d80b41ce
 # Table 5's multi-stage budget (its notebook's defaults)
 DEEPLAB = dict(steps=64, backbone="resnet18", scales="single", crf="released")
 
@@ -351,6 +367,7 @@ def table_value(v) -> str:
     if isinstance(v, float): return "–" if np.isnan(v) else f"{v:.1f}"
     return "–" if v is None else str(v)
 
+# %% ../../nbs/91_experiments.ipynb #d1e386e0
 def markdown_table(table, fmt: Callable = table_value, columns: Sequence[str] | None = None) -> str:
     """`table` as a GitHub Markdown table (no `tabulate` needed): a pandas DataFrame, or rows (dicts) read at
     `columns`; `fmt` writes each cell (`table_value`)."""
@@ -359,6 +376,7 @@ def markdown_table(table, fmt: Callable = table_value, columns: Sequence[str] | 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]) + "\n"
 
+# %% ../../nbs/91_experiments.ipynb #ab0a60ad
 def save_table(df, out_dir: str | Path, name: str, caption: str = "") -> tuple[Path, Path]:
     "Write `{out_dir}/{name}.md` (caption + Markdown table) and `{name}.csv`."
     out = Path(out_dir)
@@ -368,6 +386,7 @@ def save_table(df, out_dir: str | Path, name: str, caption: str = "") -> tuple[P
     with atomic_path(csv) as t: df.to_csv(t, index=False)
     return md, csv
 
+# %% ../../nbs/91_experiments.ipynb #dcaa56c3
 def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
     "Write `{out_dir}/{name}.png`."
     out = Path(out_dir)
@@ -391,6 +410,7 @@ def show_row(axes, image_u8: torch.Tensor, maps: Sequence, titles: Sequence[str]
         ax.set_yticks([])
         if i < len(titles): ax.set_title(titles[i], fontsize=9)
 
+# %% ../../nbs/91_experiments.ipynb #2240603b
 def add_map_colorbar(fig, axes, label: str = "activation / the map's own max"):
     "One jet colour bar from 0 to 1 beside `axes`, for the max-normalised overlays that `show_row` draws."
     import matplotlib as mpl

@@ -6,7 +6,7 @@ training step on ViT-Hybrid-B, and NCCL DDP."""
 
 # %% ../../nbs/94_gpucheck.ipynb #a535f6c2
 from __future__ import annotations
-import argparse, contextlib, json, math, os, socket, subprocess, sys, tempfile, time
+import argparse, json, math, os, socket, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from ..model import GetamSegmenter
 from .reference import released_recipe, vjp_floor
 from ..train.step import step_losses
 from ..train.singlestage import build_model, build_optimizer, make_config
-from ..utils import atomic_path, format_timings, run_cli, time_side_by_side
+from ..utils import atomic_path, environ, format_timings, run_cli, time_side_by_side
 
 # %% auto #0
 __all__ = ['PARTS', 'synced', 'find_tests', 'junit_rows', 'run_cuda_tests', 'time_getam', 'time_train_step', 'ddp_step',
@@ -49,6 +49,7 @@ def find_tests() -> Path | None:
         if (root / "tests" / "test_cuda.py").is_file(): return root / "tests"
     return None
 
+# %% ../../nbs/94_gpucheck.ipynb #ea6a89e7
 def junit_rows(path: str | Path) -> list[dict]:
     "One row per test case of a JUnit XML report: name, outcome (passed | failed | error | skipped), seconds, message."
     rows = []
@@ -63,6 +64,7 @@ def junit_rows(path: str | Path) -> list[dict]:
                          seconds=round(float(case.get("time") or 0), 2), message=message))
     return rows
 
+# %% ../../nbs/94_gpucheck.ipynb #8929a6af
 def run_cuda_tests(tests: str | Path | None = None, timeout: int = 300) -> dict:
     """Run the `cuda`-marked tests of `tests` (default `find_tests()`) in a child pytest
     → counts per outcome and the rows."""
@@ -145,17 +147,6 @@ def time_train_step(device: torch.device | str = "cuda", repeats: int = 5, backb
                 peak_memory_mib=None if peak is None else round(peak, 1), first_loss=losses[0], last_loss=losses[-1])
 
 # %% ../../nbs/94_gpucheck.ipynb #5e93fe0a
-@contextlib.contextmanager
-def _environ(**values):
-    "Set environment variables for the block, restoring the previous values after it."
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try: yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,7 +158,7 @@ def ddp_step(backend: str = "nccl", device: torch.device | str = "cuda") -> dict
     if device.type == "cuda" and device.index is None: device = torch.device("cuda", torch.cuda.current_device())
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this process")
-    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"):
+    with environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"):
         if device.type == "cuda": torch.cuda.set_device(device)
         dist.init_process_group(backend)
         try:
@@ -220,6 +211,7 @@ def format_report(report: dict) -> str:
     lines += [f"{a:{w[0]}}  {b:{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
     return "\n".join(lines)
 
+# %% ../../nbs/94_gpucheck.ipynb #3b8f7024
 def _write(report: dict, out: str | Path | None):
     if out is None: return
     with atomic_path(Path(out)) as tmp: tmp.write_text(json.dumps(report, indent=1, default=str))
@@ -238,6 +230,7 @@ def run_parts(parts: dict, report: dict, out: str | Path | None = None) -> dict:
         _write(report, out)
     return report
 
+# %% ../../nbs/94_gpucheck.ipynb #e423c1be
 def gpu_check(repeats: int = 5, out: str | Path | None = "gpu_check.json", tests: str | Path | None = None) -> dict:
     """Run every part of `PARTS` on the first CUDA device, print a table and write the report to `out` (JSON);
     without CUDA, skip them all."""

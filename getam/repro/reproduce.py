@@ -5,10 +5,10 @@ papermill notebooks of `nbs/reproduce/`, with shared classifiers trained once.""
 
 # %% ../../nbs/92_reproduce.ipynb #c92b35fe
 from __future__ import annotations
-import argparse, dataclasses, multiprocessing as mp, os, time
+import argparse, dataclasses, multiprocessing as mp, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from fastprogress.fastprogress import progress_bar
@@ -16,12 +16,12 @@ from fastprogress.fastprogress import progress_bar
 from .experiments import (BACKBONES, REDUCED_EPOCHS, SEEDS, backbone_run, classifier, coco_run, dataset_root,
                                deeplab_run, main_run, markdown_table, oracle_run, runs_root, synth_coco_root,
                                trained_run)
-from ..utils import require_extra, run_cli
+from ..utils import environ, require_extra, run_cli
 
 
 # %% auto #0
-__all__ = ['KINDS', 'NEEDS', 'JOB_FUNCTIONS', 'reproduce_notebooks', 'SharedJob', 'shared_jobs', 'train_shared', 'run_reproduce',
-           'main']
+__all__ = ['KINDS', 'NEEDS', 'JOB_FUNCTIONS', 'reproduce_notebooks', 'SharedJob', 'shared_jobs', 'train_shared', 'run_notebook',
+           'run_reproduce', 'main']
 
 # %% ../../nbs/92_reproduce.ipynb #ca04bca9
 KINDS = ("fig", "table", "supp")   # paper order: figures, tables, then the supplementary ablations
@@ -56,6 +56,7 @@ class SharedJob:
     kw: dict
     cost: float
 
+# %% ../../nbs/92_reproduce.ipynb #59953dac
 # Which shared models each reproduce notebook asks for (by the notebook's prefix). A test checks this table against the
 # notebooks' own calls, so a notebook that starts to use another shared model cannot be forgotten here.
 NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6": ("vit",), "fig7": ("vit",),
@@ -95,6 +96,7 @@ def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False
     if "coco" in need: jobs.append(SharedJob(f"COCO-format {e}", "coco_run", q, 330))
     return sorted(jobs, key=lambda j: -j.cost)
 
+# %% ../../nbs/92_reproduce.ipynb #ee9774c0
 # what a SharedJob may call
 JOB_FUNCTIONS = {"classifier": classifier, "trained_run": trained_run, "main_run": main_run, "deeplab_run": deeplab_run,
                  "oracle_run": oracle_run, "backbone_run": backbone_run, "coco_run": coco_run}
@@ -135,8 +137,25 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
     finally: ex.shutdown(wait=True, cancel_futures=True)
     return rows
 
-
 # %% ../../nbs/92_reproduce.ipynb #c6346827
+def run_notebook(nb: Path, out: Path, runs: Path, parameters: dict, kernel: str = "python3",
+                 execute: Callable | None = None) -> dict:
+    """Execute the notebook `nb` into `runs/{nb.name}` with `parameters` → its summary row: notebook, status
+    (`ok` | `failed`), seconds, outputs (the files `out/{prefix}_*` it wrote) and error."""
+    execute = execute or require_extra("papermill", needed_by="getam.repro.reproduce").execute_notebook
+    t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
+    status, err = "ok", ""
+    try:
+        execute(str(nb), str(runs / nb.name), parameters=parameters, kernel_name=kernel, cwd=str(nb.parent),
+                progress_bar=False, log_output=False)
+    except Exception as e:
+        status, err = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    made = sorted(p.name for p in out.glob(f"{nb.stem.split('_')[0]}_*") if before.get(p) != p.stat().st_mtime)
+    return dict(notebook=nb.name, status=status, seconds=round(time.time() - t0, 1), outputs=" ".join(made),
+                error=err)
+
+
+# %% ../../nbs/92_reproduce.ipynb #b07796b5
 def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = None, out: str | Path = "figures",
                   checkpoint: str = "", nb_dir=None, runs_dir=None, kernel: str = "python3", progress: bool = True,
                   pretrain: bool = True, threads: int = 2, workers: int = 2, params: dict | None = None):
@@ -153,31 +172,17 @@ def run_reproduce(dataset: str = "synth", only: str | Sequence[str] | None = Non
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MPLBACKEND": "Agg"}
     # training processes and kernels find the same shared models
     if runs_dir: env["GETAM_RUNS_DIR"] = str(Path(runs_dir).resolve())
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(**env):
         if pretrain and (jobs := shared_jobs(nbs, dataset, bool((params or {}).get("quick")), checkpoint)):
             # generate the data once, before the processes start
             dataset_root(dataset)
             if dataset == "synth" and any(j.fn == "coco_run" for j in jobs): synth_coco_root()
             rows += train_shared(jobs, workers, max(1, threads // max(1, workers)), progress)
+        parameters = dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out), **(params or {}))
         for nb in (progress_bar(nbs) if progress else nbs):
-            t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
-            status, err = "ok", ""
-            try:
-                parameters = dict(dataset=dataset, checkpoint=checkpoint, out_dir=str(out), **(params or {}))
-                pm.execute_notebook(str(nb), str(runs / nb.name), parameters=parameters,
-                                    kernel_name=kernel, cwd=str(nb.parent), progress_bar=False, log_output=False)
-            except Exception as e:
-                status, err = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-            made = sorted(p.name for p in out.glob(f"{nb.stem.split('_')[0]}_*") if before.get(p) != p.stat().st_mtime)
-            rows.append(dict(notebook=nb.name, status=status, seconds=round(time.time() - t0, 1),
-                             outputs=" ".join(made), error=err))
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+            rows.append(run_notebook(nb, out, runs, parameters, kernel, pm.execute_notebook))
     return pd.DataFrame(rows)
+
 
 # %% ../../nbs/92_reproduce.ipynb #4db010fb
 def main(argv: Sequence[str] | None = None) -> int:

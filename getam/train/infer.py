@@ -5,7 +5,7 @@
 
 # %% ../../nbs/54_infer.ipynb #5c9bfcba
 from __future__ import annotations
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,7 +16,7 @@ from fastprogress.fastprogress import progress_bar
 
 from ..classes import IMAGENET_MEAN, IMAGENET_STD
 from ..data import denormalize, normalize_image
-from ..crf import dense_crf_job, import_pydensecrf, crf_params, dense_crf
+from ..crf import crf_params, crf_stream, import_pydensecrf
 from ..images import PALETTE, write_palette_png
 from ..cams import getam_layers, resize_maps
 from ..completion import LabelRule, attention_saliency, save_pseudo_labels
@@ -84,6 +84,14 @@ def _norm_and_raw(image: torch.Tensor, mean, std, device):
     else: x, raw = image.float(), denormalize(image, mean, std)
     return x[None], raw.permute(1, 2, 0).cpu().numpy()
 
+def _eval_classes(dataset, num_classes: int | None, class_names: Sequence[str] | None) -> tuple:
+    "(K, class names) of an evaluation: the ones given, else the data set's; K counts the background."
+    class_names = list(class_names) if class_names is not None else class_names_of(dataset)
+    K = num_classes or (len(class_names) if class_names else None)
+    if K is None:
+        raise ValueError("evaluate_model: give num_classes (background included) or a dataset with class_names")
+    return K, class_names
+
 def _save_pred(path: Path, pred: torch.Tensor, palette=None):
     write_palette_png(path, pred.to(torch.uint8).cpu().numpy(), PALETTE if palette is None else palette)
 
@@ -99,46 +107,35 @@ def evaluate_model(model_fn: Callable, dataset,
     "Confusion matrices `single_scale`, `ms_flip` and (with `crf`) `ms_flip_crf` of `model_fn` on `dataset`."
     params = crf_params(crf)
     if params is not None: import_pydensecrf()
-    class_names = list(class_names) if class_names is not None else class_names_of(dataset)
-    K = num_classes or (len(class_names) if class_names else None)
-    if K is None:
-        raise ValueError("evaluate_model: give num_classes (background included) or a dataset with class_names")
+    K, class_names = _eval_classes(dataset, num_classes, class_names)
     keys = ["single_scale", "ms_flip"] + (["ms_flip_crf"] if params else [])
     cms = {k: ConfusionMatrix(K, class_names, device=device) for k in keys}
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    final = keys[-1]
-    def finish(name, gt, pred):
-        if gt is not None: cms[final].update(pred, gt, name=name)
+    def scored(i):   # item i's merged scores [K, H, W]; counts its single-scale (and, before a CRF, MS+flip) labels
+        item = dataset[i]
+        name, gt = str(item.get("name", i)), item.get("mask")
+        x, raw = _norm_and_raw(item["image"], mean, std, device)
+        ms, ss = predict(model_fn, x, scales, flip, merge=merge, return_single=True)
+        if ms.shape[1] != K:
+            raise ValueError(f"model_fn gives {ms.shape[1]} classes, expected num_classes={K} "
+                             "(background included)")
+        if gt is not None:
+            gt = torch.as_tensor(gt).to(device)
+            cms["single_scale"].update(ss[0].argmax(0), gt, name=name)
+            if params: cms["ms_flip"].update(ms[0].argmax(0), gt, name=name)
+        return (name, gt), raw, ms[0]
+    def finish(name, gt, pred):   # the final labels of an item: counted in the last matrix, saved with save_dir
+        if gt is not None: cms[keys[-1]].update(pred, gt, name=name)
         if save_dir is not None: _save_pred(Path(save_dir) / f"{name}.png", pred, palette)
-    ex = ProcessPoolExecutor(processes) if params and processes > 1 else None
-    pending = []
-    try:
-        for i in (progress_bar(range(n), leave=False) if progress else range(n)):
-            item = dataset[i]
-            name, gt = str(item.get("name", i)), item.get("mask")
-            x, raw = _norm_and_raw(item["image"], mean, std, device)
-            ms, ss = predict(model_fn, x, scales, flip, merge=merge, return_single=True)
-            if ms.shape[1] != K:
-                raise ValueError(f"model_fn gives {ms.shape[1]} classes, expected num_classes={K} "
-                                 "(background included)")
-            if gt is not None:
-                gt = torch.as_tensor(gt).to(device)
-                cms["single_scale"].update(ss[0].argmax(0), gt, name=name)
-                if params: cms["ms_flip"].update(ms[0].argmax(0), gt, name=name)
-            if not params:
-                finish(name, gt, ms[0].argmax(0))
-                continue
-            probs = (ms[0] if merge == "probs" else ms[0].softmax(0)).cpu().numpy()
-            if ex is None: finish(name, gt, torch.from_numpy(dense_crf(raw, probs, params).argmax(0)))
-            else:
-                pending.append((name, gt, ex.submit(dense_crf_job, (raw, probs, params))))
-                while len(pending) > 2 * processes or (pending and pending[0][2].done()):
-                    nm, g, fut = pending.pop(0)
-                    finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
-        for nm, g, fut in pending: finish(nm, g, torch.from_numpy(fut.result().argmax(0)))
-    finally:
-        if ex is not None: ex.shutdown(cancel_futures=True)
+    items = map(scored, progress_bar(range(n), leave=False) if progress else range(n))
+    if not params:
+        for key, _, scores in items: finish(*key, scores.argmax(0))
+        return cms
+    jobs = ((key, raw, (scores if merge == "probs" else scores.softmax(0)).cpu().numpy()) for key, raw, scores in items)
+    with closing(crf_stream(jobs, params, processes)) as refined:
+        for key, probs in refined: finish(*key, torch.from_numpy(probs.argmax(0)))
     return cms
+
 
 # %% ../../nbs/54_infer.ipynb #16643a83
 def voc_results_dir(out: str | Path, comp: str = "comp6") -> Path:

@@ -44,6 +44,7 @@ def dist_info() -> tuple[int, int, int]:
     "(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
+# %% ../../nbs/52_loop.ipynb #cee6e987
 class DistBatchNorm2d(nn.BatchNorm2d):
     "BatchNorm2d whose training statistics are those of the global batch over all ranks (CPU/gloo-capable)."
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,7 @@ class DistBatchNorm2d(nn.BatchNorm2d):
         y = (xf - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
         return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
 
+# %% ../../nbs/52_loop.ipynb #0e156751
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """SyncBatchNorm on accelerators, `DistBatchNorm2d` on CPU; both keep the BatchNorms' parameter and buffer tensors
     (state dicts stay compatible)."""
@@ -90,6 +92,7 @@ class ResumableSampler(Sampler):
     def __iter__(self) -> Iterator[int]: return iter(list(self.base)[self.skip:])
     def __len__(self): return len(self.base) - self.skip
 
+# %% ../../nbs/52_loop.ipynb #3a38d094
 class SeededItems(Dataset):
     "`ds` whose item `i` in epoch `e` is drawn with the global torch RNG seeded from `(seed, e, i)` (restored after)."
     def __init__(self, ds: Dataset, seed: int = 0): self.ds, self.seed, self.epoch = ds, seed, 0
@@ -130,6 +133,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, epoch: int
     with atomic_path(out_dir / "state.pt") as t: torch.save(state, t)
     return out_dir
 
+# %% ../../nbs/52_loop.ipynb #aed0f78e
 def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scaler=None,
                     restore_rng: bool = True) -> dict:
     "Load weights (and optimiser, scaler, RNG states) from `out_dir`; returns the state dict (epoch, step, …)."
@@ -164,6 +168,7 @@ def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=True)
 
+# %% ../../nbs/52_loop.ipynb #8c67b379
 class DDPSetup:
     "This process's `rank` of `world`, its `per_rank` share of the global `batch_size`, and `main`: whether it writes."
     def __init__(self, batch_size: int):
@@ -251,6 +256,7 @@ def parse_value(s: str):
         except ValueError: pass
     return s
 
+# %% ../../nbs/52_loop.ipynb #209429a8
 class CSVLog:
     "The rows of the per-step log, in memory and (with `path`) in one CSV file written through one handle."
     def __init__(self, path: Path | None, fields: Sequence[str], rows: Iterable[dict] = ()):

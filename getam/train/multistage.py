@@ -28,7 +28,7 @@ from ..utils import atomic_path, parser_from_signature, run_cli, seed_everything
 
 
 # %% auto #0
-__all__ = ['PseudoLabelDataset', 'make_optimizer', 'deeplab_step', 'train_deeplab', 'main']
+__all__ = ['PseudoLabelDataset', 'make_optimizer', 'deeplab_step', 'loss_summary', 'train_deeplab', 'main']
 
 # %% ../../nbs/56_multistage.ipynb #d32c324a
 class PseudoLabelDataset(Dataset):
@@ -82,15 +82,25 @@ def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_de
     for g in groups: g["lr_mult"] = g["lr"] / lr
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-def _by_epoch(log: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for row in log: out.setdefault(row["epoch"], []).append(row)
-    return out
 
+# %% ../../nbs/56_multistage.ipynb #955d49ab
 def deeplab_step(ctx: StepContext, batch: dict) -> dict:
     "One step of DeepLab v2 on pseudo labels: cross-entropy (255 ignored), one backward, one optimiser step."
     with ctx.autocast: logits = ctx.net(batch["image"])
     return ctx.update(dict(loss=F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)))
+
+# %% ../../nbs/56_multistage.ipynb #dab0f9c6
+def loss_summary(log: list[dict], last: int = 8) -> dict:
+    """The loss record of a per-step `log` (rows with `epoch`, `step`, `loss`, `lr`): `final_loss`, the mean over the
+    last `last` steps (None without steps), and `log`, one row per epoch: 1-based `epoch`, the steps done at its end,
+    its mean `loss` and its last `lr`."""
+    epochs: dict[int, list[dict]] = {}
+    for row in log: epochs.setdefault(row["epoch"], []).append(row)
+    mean_loss = lambda rows: float(np.mean([r["loss"] for r in rows]))
+    return dict(final_loss=mean_loss(log[-last:]) if log else None,
+                log=[dict(epoch=e + 1, step=rows[-1]["step"] + 1, loss=mean_loss(rows), lr=rows[-1]["lr"])
+                     for e, rows in epochs.items()])
+
 
 # %% ../../nbs/56_multistage.ipynb #01087deb
 def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str | Path | None = None,
@@ -124,11 +134,7 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
                  mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     res = dict(dataset=dataset, pseudo_dir=str(pseudo_dir), backbone=backbone, epochs=epochs, steps=run["step"],
                n_train=len(ds), batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed,
-               train_seconds=round(time.time() - t0, 1),
-               final_loss=float(np.mean([r["loss"] for r in run["log"][-8:]])) if run["log"] else None,
-               log=[dict(epoch=e + 1, step=rows[-1]["step"] + 1, loss=float(np.mean([r["loss"] for r in rows])),
-                         lr=rows[-1]["lr"])
-                    for e, rows in _by_epoch(run["log"]).items()])
+               train_seconds=round(time.time() - t0, 1), **loss_summary(run["log"]))
     if val_split:
         val = load_dataset(dataset, data_root, val_split)
         cms = evaluate_model(model.eval(), val, class_names=val.class_names, scales=eval_scales, flip=flip, crf=crf,

@@ -52,6 +52,7 @@ class SceneCorpus(Dataset):
         if self.flips and torch.rand(()) < 0.5: x = x.flip(-2)
         return dict(image=x, label=torch.from_numpy(s["label"]))
 
+# %% ../../nbs/58_pretrain.ipynb #83d0f710
 class PatchMaxHead(nn.Module):
     """A timm ViT returning its [class]-token logits and, from the same head on every patch token,
     the max over the patches."""
@@ -62,6 +63,7 @@ class PatchMaxHead(nn.Module):
         feats = self.vit.forward_features(x)                                             # [B, prefix + N, D]
         return self.vit.forward_head(feats), self.vit.head(feats[:, self.vit.num_prefix_tokens:]).amax(1)
 
+# %% ../../nbs/58_pretrain.ipynb #197207e7
 def pretrain_step(ctx: StepContext, batch: dict, aux_weight: float = 1.0) -> dict:
     """Multi-label classification from the [class] token plus (`aux_weight`) from the patch tokens, max-pooled:
     each class must also be readable from the patches that show it. `ctx.net` is a `PatchMaxHead`.
@@ -70,7 +72,6 @@ def pretrain_step(ctx: StepContext, batch: dict, aux_weight: float = 1.0) -> dic
     losses = dict(cls_loss=F.multilabel_soft_margin_loss(logits.float(), batch["label"]),
                   aux_loss=F.multilabel_soft_margin_loss(patch_logits.float(), batch["label"]))
     return ctx.update(dict(loss=losses["cls_loss"] + aux_weight * losses["aux_loss"], **losses))
-
 
 # %% ../../nbs/58_pretrain.ipynb #d6985991
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -90,6 +91,7 @@ def benchmark_val_f1(model: nn.Module, root=None, size: int = 128, batch_size: i
     return multilabel_f1(model, torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
                          batch_size)
 
+# %% ../../nbs/58_pretrain.ipynb #de3444ad
 PRETRAIN_LOG_FIELDS = ("step", "epoch", "lr", "loss", "cls_loss", "aux_loss", "time_s")  # the columns of its log.csv
 
 def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, steps: int = 2400, batch_size: int = 32,
@@ -132,7 +134,6 @@ def pretrain(backbone: str = "vit_tiny_patch16_224", arch: dict | None = None, s
                   command=command)
     save_weights(weights, model.state_dict(), record, sha256=True)
     return json.loads(weights.with_suffix(".json").read_text())
-
 
 # %% ../../nbs/58_pretrain.ipynb #424345ea
 from ..utils import parser_from_signature

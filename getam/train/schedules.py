@@ -23,6 +23,7 @@ def lr_at(step: int, total: int, lr: float = 0.04, *, poly_power: float = 0.9, w
     if warmup_steps and step < warmup_steps: rate *= (step + 1) / warmup_steps
     return rate * (phase2_lr_scale if step >= phase2_start(total, cls_only_frac) else 1.0)
 
+# %% ../../nbs/50_schedules.ipynb #281940f0
 def phase2_start(total: int, cls_only_frac: float = 0.5) -> int:
     "First step with the segmentation branch on (released: step >= 0.5 · max_step; 0 with `cls_only_frac=0`)."
     return int(math.ceil(cls_only_frac * total))

@@ -25,7 +25,7 @@ from ..model import GetamSegmenter
 from .schedules import lr_at, phase2_start
 from .step import train_step
 from ..synth import LATEST_VERSION, require_synthvoc, synthvoc_version
-from ..utils import atomic_path, run_cli, seed_everything
+from ..utils import atomic_path, parser_from_signature, run_cli, seed_everything
 
 
 # %% auto #0
@@ -67,7 +67,7 @@ class TrainConfig:
     cls_only_frac: float = 0.5        # fraction of steps before the segmentation branch is switched on
     batch_size: int = 8               # global batch (split over DDP ranks)
     crop_size: int = 128              # random crop side
-    resize_range: tuple | None = None # random long-side resize (lo, hi); None → (0.9, 1.14) × crop_size
+    resize_range: tuple[int, int] | None = None  # random long-side resize (lo, hi); None → (0.9, 1.14) × crop_size
     augment: bool = True              # random resize + flip (off: centre crop only)
     optimizer: str = "sgd"            # sgd | adamw
     lr: float = 0.04                  # base learning rate
@@ -83,7 +83,7 @@ class TrainConfig:
     seg_loss: str = "ce"              # ce (ignore 255) | split (released: background and foreground CE averaged apart)
     saliency_weight: float = 0.0      # corrected saliency loss (background probability vs 1 − saliency); off by default
     # pseudo labels (GETAM → PAMR → label completion)
-    layers: list | None = None        # GETAM blocks; None → all (ViT-Hybrid: the last half)
+    layers: list[int] | None = None   # GETAM blocks; None → all (ViT-Hybrid: the last half)
     fusion: str = "sum"               # sum (Eq. 3) | product | matmul
     gamma: float = 32.0               # background exponent: bg = (1 − max_c map)^gamma
     alpha: float = 0.9                # high-activation quantile (Eq. 5); COCO 0.95
@@ -385,24 +385,18 @@ def field_docs() -> dict[str, str]:
 # %% ../../nbs/55_singlestage.ipynb #556108bc
 def arg_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (only options given on the command line are set)."
-    p = argparse.ArgumentParser(prog="python -m getam.train",
-                                description="GETAM single-stage training (also under torchrun). Options not given "
-                                            f"come from --preset (released | synth; default {DEFAULT_PRESET}; none: "
-                                            "the defaults shown), else from the defaults shown.",
-                                argument_default=argparse.SUPPRESS)
-    docs = field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        opt, h = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default {f.default})".replace("%", "%%")
-        if isinstance(f.default, bool): p.add_argument(opt, action=argparse.BooleanOptionalAction, help=h)
-        elif f.name in ("layers", "resize_range"): p.add_argument(opt, nargs="+", type=int, help=h)
-        else: p.add_argument(opt, type=parse_value, help=h)
-    return p
+    description = ("GETAM single-stage training (also under torchrun). Options not given come from --preset "
+                   f"(released | synth; default {DEFAULT_PRESET}; none: the defaults shown), else from the defaults "
+                   "shown.")
+    return parser_from_signature(TrainConfig, "python -m getam.train", description, help=field_docs(), given_only=True,
+                                 value_type=parse_value, default_format="(default {})")
 
 # %% ../../nbs/55_singlestage.ipynb #d487a4c4
 def cli_config(argv: list[str] | None = None) -> TrainConfig:
     "The `TrainConfig` of a command line: `make_config` of its options; `DEFAULT_PRESET` unless `--preset` is given."
     return make_config(**{"preset": DEFAULT_PRESET, **vars(arg_parser().parse_args(argv))})
 
+# %% ../../nbs/55_singlestage.ipynb #c0546e21
 def main(argv: list[str] | None = None) -> dict:
     res = train(cli_config(argv))
     if res["metrics"]: print(json.dumps({k: v for k, v in res["metrics"].items() if not isinstance(v, dict)}, indent=1))

@@ -20,7 +20,8 @@ from .schedules import phase2_start
 
 
 # %% auto #0
-__all__ = ['training_targets', 'class_token_saliency', 'step_losses', 'train_step', 'two_forward_losses']
+__all__ = ['training_targets', 'class_token_saliency', 'recorded_forward', 'joint_losses', 'step_losses', 'train_step',
+           'two_forward_losses']
 
 # %% ../../nbs/53_step.ipynb #244215b1
 @torch.no_grad()
@@ -47,6 +48,40 @@ def _saliency(batch: dict, rec, x: torch.Tensor, rule: LabelRule) -> torch.Tenso
     if rule.saliency == "maps": return batch["saliency"]
     return class_token_saliency(rec.attn, rec.grid, rec.num_prefix_tokens, x, rule.attention_threshold)
 
+
+# %% ../../nbs/53_step.ipynb #86c22cfb
+def recorded_forward(model: nn.Module, x: torch.Tensor, layers: list | None = None, autocast=None) -> tuple:
+    """Step 1 of Sec. 4.3: one forward of both branches of `model` (DDP-wrapped or not) on `x: [B, 3, H, W]`,
+    recording the attention of the blocks `layers` → (the module's own class logits `[B, C]`, the class logits and
+    segmentation logits `model` returns, the `record_attention` record)."""
+    ac = autocast or torch.autocast(x.device.type, enabled=False)
+    raw = []
+    hook = unwrap_model(model).register_forward_hook(lambda m, i, o: raw.append(o))
+    try:
+        with record_attention(unwrap_model(model), layers) as rec:
+            with ac: cls, seg = model(x, with_seg=True)
+    finally: hook.remove()
+    return raw[0][0], cls, seg, rec
+
+
+# %% ../../nbs/53_step.ipynb #9000ca6d
+def joint_losses(cls: torch.Tensor, seg: torch.Tensor, target: torch.Tensor, batch: dict, seg_loss: str = "ce",
+                 cls_weight: float = 1.0, seg_weight: float = 1.0, saliency_weight: float = 0.0) -> dict:
+    """Step 4 of Sec. 4.3: the losses of one forward, `cls: [B, C]` and `seg: [B, C+1, h, w]`, on `target: [B, H, W]`
+    and the batch's `label` (and `saliency`, with `saliency_weight`) → `cls_loss`, `seg_loss` (`sal_loss`), `loss`
+    (their weighted sum) and `pseudo` (the targets)."""
+    x, y = batch["image"], batch["label"]
+    out = dict(cls_loss=F.multilabel_soft_margin_loss(cls.float(), y))
+    out["seg_loss"] = losses.seg_loss(seg, target, seg_loss)
+    out["loss"] = cls_weight * out["cls_loss"] + seg_weight * out["seg_loss"]
+    if saliency_weight:
+        out["sal_loss"] = losses.saliency_loss(seg, batch["saliency"], (x != 0).any(1))
+        out["loss"] = out["loss"] + saliency_weight * out["sal_loss"]
+    out["pseudo"] = target
+    return out
+
+
+# %% ../../nbs/53_step.ipynb #4e6cfaa6
 def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = LabelRule(), layers: list | None = None,
                 fusion: str = "sum", supervision: str = "pseudo", seg_loss: str = "ce", cls_weight: float = 1.0,
                 seg_weight: float = 1.0, saliency_weight: float = 0.0, autocast=None) -> dict[str, torch.Tensor]:
@@ -56,38 +91,24 @@ def step_losses(model: nn.Module, batch: dict, phase: int, *, rule: LabelRule = 
     the masks)."""
     x, y = batch["image"], batch["label"]
     ac = autocast or torch.autocast(x.device.type, enabled=False)
-    out = {}
-    if phase == 1:
+    if phase == 1:   # classification only: the decoder does not run
         with ac: cls = model(x)
-        out["cls_loss"] = F.multilabel_soft_margin_loss(cls.float(), y)
-        out["loss"] = cls_weight * out["cls_loss"]
-        return out
+        cls_loss = F.multilabel_soft_margin_loss(cls.float(), y)
+        return dict(cls_loss=cls_loss, loss=cls_weight * cls_loss)
     if supervision == "gt":   # the oracle: ground-truth masks instead of pseudo labels
         with ac: cls, seg = model(x, with_seg=True)
         target = batch["mask"]
     else:
-        # 1. forward once, recording the attention of the GETAM blocks. The VJPs need the module's own logits: under
-        #    DDP the returned ones pass through DDP's sink node, which the GETAM VJPs must not traverse (so: a hook).
-        raw = []
-        hook = unwrap_model(model).register_forward_hook(lambda m, i, o: raw.append(o))
-        try:
-            with record_attention(unwrap_model(model), layers) as rec:
-                with ac: cls, seg = model(x, with_seg=True)
-        finally: hook.remove()
+        # 1. forward once, recording the attention of the GETAM blocks (and the module's own class logits)
+        logits, cls, seg, rec = recorded_forward(model, x, layers, ac)
         # 2. GETAM maps from that forward: max-K VJPs w.r.t. the attention only, keeping the graph for the losses
-        maps = maps_from_attention(raw[0][0], rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=fusion,
+        maps = maps_from_attention(logits, rec.attn, y, rec.grid, rec.num_prefix_tokens, fusion=fusion,
                                    retain_graph=True)
         # 3. pseudo labels: PAMR, saliency-constrained masking (Eq. 4), high-activation mining (Eq. 5); no gradient
         target = training_targets(maps, x, y, _saliency(batch, rec, x, rule), rule.gamma, rule.alpha, rule.use_pamr)
     # 4. the losses of the same forward: classification + segmentation (+ the optional saliency loss)
-    out["cls_loss"] = F.multilabel_soft_margin_loss(cls.float(), y)
-    out["seg_loss"] = losses.seg_loss(seg, target, seg_loss)
-    out["loss"] = cls_weight * out["cls_loss"] + seg_weight * out["seg_loss"]
-    if saliency_weight:
-        out["sal_loss"] = losses.saliency_loss(seg, batch["saliency"], (x != 0).any(1))
-        out["loss"] = out["loss"] + saliency_weight * out["sal_loss"]
-    out["pseudo"] = target
-    return out
+    return joint_losses(cls, seg, target, batch, seg_loss, cls_weight, seg_weight, saliency_weight)
+
 
 # %% ../../nbs/53_step.ipynb #469f739f
 def train_step(ctx: StepContext, batch: dict, cls_only_frac: float = 0.5, **settings) -> dict:
