@@ -84,11 +84,13 @@ def arch_overrides(values) -> dict:
     get = values.get if hasattr(values, "get") else lambda k: getattr(values, k, None)
     return {k: get(k) for k in ARCH_KEYS if get(k) is not None}
 
+# %% ../nbs/12_backbones.ipynb #b03d8f8f
 def arch_suffix(arch: dict | None) -> str:
     """The file-name suffix of architecture overrides: `dict(patch_size=16, embed_dim=64, depth=6, num_heads=2)` →
     `-p16-w64-d6-h2`."""
     return "".join(f"-{k}{arch[a]}" for a, k in _ARCH_LETTERS.items() if arch and arch.get(a) is not None)
 
+# %% ../nbs/12_backbones.ipynb #04aad526
 def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> list[Path]:
     """Where `create_backbone` looks for local weights of `name` (with `arch` overrides, e.g. the embedded world's small
     ViTs): `<weights_dir>/<timm name or alias><arch_suffix>.{safetensors,pth}` first, then the weights shipped with
@@ -100,6 +102,7 @@ def weights_candidates(name: str, weights_dir: str | Path | None = None, arch: d
     return [Path(d) / f"{n}{ext}" for d in (weights_dir, SHIPPED_WEIGHTS) for n in names
             for ext in (".safetensors", ".pth")]
 
+# %% ../nbs/12_backbones.ipynb #845b2061
 def find_weights(name: str, weights_dir: str | Path | None = None, arch: dict | None = None) -> Path | None:
     """The first of `weights_candidates` that exists: the local weights `create_backbone(name, pretrained=True, **arch)`
     would load, or None."""
@@ -164,10 +167,12 @@ def vit_of(model: nn.Module) -> nn.Module:
     raise TypeError(f"expected a timm VisionTransformer ({names}) or a model with one as .backbone; "
                     f"got {type(model).__name__}")
 
+# %% ../nbs/12_backbones.ipynb #81557a41
 def is_hybrid(model: nn.Module) -> bool:
     "Whether the transformer embeds tokens with a CNN (`HybridEmbed`, as ViT-Hybrid)."
     return isinstance(vit_of(model).patch_embed, HybridEmbed)
 
+# %% ../nbs/12_backbones.ipynb #935d3124
 def default_layers(model: nn.Module) -> list[int]:
     """The paper's blocks for GETAM: all of them; for ViT-Hybrid the last half (the paper's last 6 of 12); every
     layer of a transformers model."""
@@ -175,6 +180,7 @@ def default_layers(model: nn.Module) -> list[int]:
     n = len(vit_of(model).blocks)
     return list(range(n // 2, n)) if is_hybrid(model) else list(range(n))
 
+# %% ../nbs/12_backbones.ipynb #16c168e3
 def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) -> list[int]:
     "Sorted, unique, non-negative block indices (`None` → `default_layers`; negative indices count from the end)."
     n = len(blocks_of(model))

@@ -33,6 +33,7 @@ def logits_of(out) -> torch.Tensor:
         raise TypeError(f"expected logits [B, C] from the model; got {getattr(out, 'shape', type(out))}")
     return out
 
+# %% ../nbs/20_cams.ipynb #95ec2997
 def present_ranks(labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For k = 0 .. max_b K_b - 1: (rows, classes) of the k-th present class (ascending index) of every image that
     has one."""
@@ -96,6 +97,7 @@ def class_row(t: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
     (float32): A_CLS, ∇A_CLS."""
     return t.detach()[:, :, 0, num_prefix_tokens:].float().mean(1)
 
+# %% ../nbs/20_cams.ipynb #a4c6a7e5
 def coupling(attn: torch.Tensor, grad: torch.Tensor, num_prefix_tokens: int = 1, squared: bool = True) -> torch.Tensor:
     """Eq. 2 on the [class] row: `attn, grad` [B, heads, N, N] (or only their first rows [B, heads, 1, N]) →
     [B, N - p] (float32)."""
@@ -118,6 +120,7 @@ def normalize_maps(maps: torch.Tensor, eps: float = 0.0, dim: int | tuple[int, .
     if eps: return maps / (mx + eps)
     return torch.where(mx > 0, maps / mx.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
 
+# %% ../nbs/20_cams.ipynb #d7f1714d
 def fuse_layers(per_layer: Sequence[torch.Tensor], fusion: str = "sum") -> torch.Tensor:
     "Combine per-block maps `[..., n]` by `'sum'` (Eq. 3) or `'product'` (element-wise, each block max-normalised)."
     _check_fusion(fusion)
@@ -128,6 +131,7 @@ def fuse_layers(per_layer: Sequence[torch.Tensor], fusion: str = "sum") -> torch
     for m in per_layer[1:]: out = out * normalize_maps(m, dim=-1)
     return out
 
+# %% ../nbs/20_cams.ipynb #7e24d5ec
 def rollout(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
     "`'matmul'` fusion: rollout of the class-weighted attention through the blocks → [B, N - p] (float32)."
     R = None
@@ -152,6 +156,7 @@ def block_couplings(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     "Eq. 2 in every recorded block for the images `rows` of one rank: a list of `[len(rows), n]` maps (float32)."
     return [coupling(a[:, :, :1][rows], g[:, :, :1][rows], num_prefix_tokens, squared) for a, g in zip(attn, grads)]
 
+# %% ../nbs/20_cams.ipynb #b4a416b8
 def fuse_rank(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor,
               num_prefix_tokens: int = 1, fusion: str = "sum",
               per_block: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -160,6 +165,7 @@ def fuse_rank(attn: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows:
     return fuse_layers(per_block if per_block is not None else block_couplings(attn, grads, rows, num_prefix_tokens),
                        fusion)
 
+# %% ../nbs/20_cams.ipynb #80f55ac0
 def maps_from_attention(logits: torch.Tensor, attn: Sequence[torch.Tensor], labels: torch.Tensor, grid: tuple[int, int],
                         num_prefix_tokens: int = 1, fusion: str = "sum", retain_graph: bool = False) -> torch.Tensor:
     "GETAM maps [B, C, h, w] (float32) from the logits [B, C] and recorded attention of one forward; max_b K_b VJPs."
@@ -195,6 +201,7 @@ class GetamResult(NamedTuple):
     layers: list             # block index of each of the L maps
     grid: tuple              # (h, w)
 
+# %% ../nbs/20_cams.ipynb #abe7b313
 def getam_layers(model: nn.Module, images: torch.Tensor, labels=None,
                  layers: Iterable[int] | int | None = None, fusion: str = "sum", top_k: int = 1) -> GetamResult:
     "Like `getam`, also returning per-block maps, A_CLS and ∇A_CLS (all float32, detached)."
@@ -233,6 +240,7 @@ def token_classifier(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
         return (vit.head(t) + vit.head_dist(t)) / 2 if hasattr(vit, "head_dist") else vit.head(t)
     return clf
 
+# %% ../nbs/20_cams.ipynb #0cf09530
 def _tokens_to_maps(scores: torch.Tensor, labels: torch.Tensor, grid, relu: bool) -> torch.Tensor:
     scores = scores.float().transpose(1, 2)                                 # [B, C, n]
     scores = F.relu(scores) if relu else scores
@@ -259,6 +267,7 @@ def cam_ignore(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cla
     "CAM(ignore) of Sec. 3: the classifier on every patch token of the final features → [B, C, h, w]."
     return _token_cam(model, images, labels, classifier, relu, add_class=False)
 
+# %% ../nbs/20_cams.ipynb #37f0a67a
 def cam_add(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: Callable | None = None,
             relu: bool = True) -> torch.Tensor:
     "CAM(add) of Sec. 3: the classifier on every patch token plus the [class] token O_CLS → [B, C, h, w]."
@@ -288,6 +297,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, labels=None, relu: bool = T
     finally: hook.remove()
     return scores.view(*labels.shape, *rec.grid)
 
+# %% ../nbs/20_cams.ipynb #82e91c5c
 def att_gradients(model: nn.Module, images: torch.Tensor, labels=None,
                   layers: Iterable[int] | int | None = None, top_k: int = 1) -> torch.Tensor:
     """Att-Gradients of Table 1: Σ_i mean_heads(ReLU(∇A ⊙ A)) on the [class] row → [B, C, h, w]; `labels` as
@@ -301,6 +311,7 @@ def att_gradients(model: nn.Module, images: torch.Tensor, labels=None,
             with torch.no_grad(): maps[rows, cls] = sum(block_couplings(attn, grads, rows, p, squared=False))
     return maps.view(*labels.shape, *rec.grid)
 
+# %% ../nbs/20_cams.ipynb #f0464fe9
 @torch.no_grad()
 def ts_cam(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: Iterable[int] | int | None = None,
            classifier: Callable | None = None, relu: bool = True) -> torch.Tensor:

@@ -30,6 +30,7 @@ class CurveResult(NamedTuple):
     curves: torch.Tensor
     auc: torch.Tensor
 
+# %% ../nbs/25_faithfulness.ipynb #7194ff2b
 def blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Tensor:
     "Gaussian blur of `images` [B, 3, H, W] per channel (reflect padding): RISE's insertion baseline."
     r = torch.arange(kernel, device=images.device, dtype=images.dtype) - (kernel - 1) / 2
@@ -40,12 +41,14 @@ def blur(images: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Te
     x = F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, kernel), groups=C)
     return F.conv2d(x, g.view(1, 1, -1, 1).expand(C, 1, kernel, 1), groups=C)
 
+# %% ../nbs/25_faithfulness.ipynb #c5b3af12
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
     "Rank of every pixel in the descending order of `maps` [P, H, W] (stable: ties by index) → long [P, H*W]."
     order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, ranks)
 
+# %% ../nbs/25_faithfulness.ipynb #a14b5aa5
 def _score(logits: torch.Tensor, cls: torch.Tensor, score: str) -> torch.Tensor:
     if score == "sigmoid": logits = logits.sigmoid()
     elif score == "softmax": logits = logits.softmax(-1)
@@ -56,6 +59,7 @@ def trapezoid_auc(curves: torch.Tensor) -> torch.Tensor:
     T = curves.shape[1] - 1
     return (curves.sum(1) - (curves[:, 0] + curves[:, -1]) / 2) / T
 
+# %% ../nbs/25_faithfulness.ipynb #81b13f36
 @torch.no_grad()
 def deletion_insertion(model: nn.Module | Callable, images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
                        mode: str = "deletion", steps: int = 16, baseline: torch.Tensor | None = None,
@@ -95,6 +99,7 @@ class PairScores(NamedTuple):
     values: torch.Tensor
     mean: float
 
+# %% ../nbs/25_faithfulness.ipynb #cce05042
 def _class_mean(values: torch.Tensor, cls: torch.Tensor, C: int) -> float:
     if not len(values): return float("nan")
     tot = torch.zeros(C, device=values.device).index_add_(0, cls, values.float())
@@ -114,6 +119,7 @@ def class_regions(masks: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, re
         return (idx >= lo) & (idx <= hi)
     return span(ys)[:, :, None] & span(xs)[:, None, :]
 
+# %% ../nbs/25_faithfulness.ipynb #86f31757
 def _pairs(maps, labels, masks):
     if maps.shape[:2] != labels.shape:
         raise ValueError(f"maps {tuple(maps.shape)} and labels {tuple(labels.shape)}: expected [B, C, h, w] and [B, C]")
@@ -135,6 +141,7 @@ def pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
     hit = (region.flatten(1).gather(1, at[:, None])[:, 0] > 0) & (flat.amax(1) > 0)
     return PairScores(rows, cls, hit.float(), _class_mean(hit.float(), cls, labels.shape[1]))
 
+# %% ../nbs/25_faithfulness.ipynb #e424c8a0
 def energy_pointing_game(maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                          region: str = "box") -> PairScores:
     "Share of each present class's positive map energy inside that class's box or mask in `masks` [B, H, W]."
@@ -153,17 +160,20 @@ def update_pseudo_label_cm(cm: ConfusionMatrix, images: torch.Tensor, maps: torc
     cm.update(pred, masks)
     return pred
 
+# %% ../nbs/25_faithfulness.ipynb #f1ac9697
 def argmax_labels(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
                   gamma: float = 32.0) -> torch.Tensor:
     """Labels [B, H, W] from the maps alone: resized to `images`, max-normalised, argmax against the background
     `(1 - max)^gamma` (no PAMR, no saliency)."""
     return activation_argmax(label_maps(images, maps.detach().float(), labels, refine=False), labels, gamma)
 
+# %% ../nbs/25_faithfulness.ipynb #b33b6d7d
 class PseudoLabelScore(NamedTuple):
     "`miou` (%) and the per-class `iou` [num_classes + 1] (background first, nan where a union is empty)."
     miou: float
     iou: torch.Tensor
 
+# %% ../nbs/25_faithfulness.ipynb #b27a8bdb
 LABEL_RULES = ("completed", "argmax")
 
 def pseudo_label_miou(images: torch.Tensor, maps: torch.Tensor | Callable, labels: torch.Tensor,

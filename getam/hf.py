@@ -24,6 +24,7 @@ class HFParts(NamedTuple):
     attention: list             # the attention module of each layer, in order; its forward returns (output, A)
     patch_embed: nn.Conv2d      # the patch projection; its output [B, D, h, w] gives the grid
 
+# %% ../nbs/13_hf.ipynb #148a103b
 def _recorded_class(model: nn.Module, key: str):
     spec = getattr(type(model), "_can_record_outputs", None) or {}
     spec = spec.get(key)
@@ -67,6 +68,7 @@ def hf_readout(model: nn.Module) -> str:
     if name == "SiglipVisionModel" and not getattr(config, "vision_use_head", True): return "token"
     return readout
 
+# %% ../nbs/13_hf.ipynb #dd442155
 def check_hf_readout(model: nn.Module, method: str = "GETAM") -> None:
     "Raise a `ValueError` unless the classifier of the transformers model in `model` reads its [class] token."
     readout = hf_readout(model)

@@ -36,6 +36,7 @@ def colorize(m: np.ndarray, cmap: str = "jet", signed: bool = False) -> np.ndarr
     rgba = colormaps[cmap](np.clip(v, 0, 1))
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
+# %% ../nbs/41_widgets.ipynb #bcd6f3e0
 def overlay(image: np.ndarray, m: np.ndarray, opacity: float = 0.5, cmap: str = "jet",
             signed: bool = False) -> np.ndarray:
     "Blend the colour of map `m` [h, w] (resized bilinearly to the image) over `image` uint8 [H, W, 3]."
@@ -44,6 +45,7 @@ def overlay(image: np.ndarray, m: np.ndarray, opacity: float = 0.5, cmap: str = 
     out = (1 - opacity) * image.astype(np.float32) + opacity * colorize(big, cmap, signed).astype(np.float32)
     return out.round().clip(0, 255).astype(np.uint8)
 
+# %% ../nbs/41_widgets.ipynb #f757ca9b
 def png_bytes(rgb: np.ndarray, scale: int = 1) -> bytes:
     "PNG encoding of uint8 RGB [H, W, 3], enlarged `scale` times (nearest) for display."
     im = PILImage.fromarray(rgb)

@@ -110,6 +110,7 @@ def measure_explainer(fn: Callable, model: nn.Module, val: dict, batch_size: int
             "deletion AUC ↓": torch.cat(dels).mean().item(), "insertion AUC ↑": torch.cat(ins).mean().item(),
             "pointing game ↑": game(pg), "energy PG ↑": game(epg), "pseudo-label mIoU ↑": 100 * cm.miou()}
 
+# %% ../../nbs/95_explainers_bench.ipynb #4a811390
 def _caption(val: dict, size: int, batch_size: int, steps: int, how: str, f1: float) -> str:
     n_pairs = int((val["label"] > 0).sum())
     return (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
@@ -139,6 +140,7 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
     write_table(rows, Path(out), name, _caption(val, size, batch_size, steps, how, f1))
     return rows
 
+# %% ../../nbs/95_explainers_bench.ipynb #bfd4afaf
 def _fmt(v) -> str:
     if isinstance(v, float): return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)

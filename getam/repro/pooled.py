@@ -70,6 +70,7 @@ def pooled_getam(model: nn.Module, images: torch.Tensor, labels=None, readout: s
                 maps[rows, cls] = sum(per_block)
     return maps.view(*labels.shape, *rec.grid)
 
+# %% ../../nbs/97_pooled.ipynb #01f37b86
 def pooled_chefer(model: nn.Module, images: torch.Tensor, labels=None, readout: str = "mean",
                   top_k: int = 1) -> torch.Tensor:
     "Chefer et al.'s relevance over every block, read out with the rows of `readout` → [B, C, h, w]."
@@ -91,6 +92,7 @@ def readout_model(head: str, num_classes: int, size: int = 128) -> nn.Module:
     return create_backbone(PRESETS["synth"]["backbone"], pretrained=True, num_classes=num_classes, img_size=size,
                            download=False, **SYNTH_ARCH, **pool)
 
+# %% ../../nbs/97_pooled.ipynb #cdf4978b
 def fine_tuned(head: str, seed: int = 0, size: int = 128, root=None, runs_dir=None, epochs: int = 10,
                lr: float = 3e-4, progress: bool = False) -> tuple[nn.Module, dict]:
     "The `readout_model` fine-tuned on SynthVOC train (cached), in eval mode, and its record."
