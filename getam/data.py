@@ -24,9 +24,9 @@ from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
 __all__ = ['DATASETS', 'DENSE_FILL', 'VOCDataset', 'coco_class_mask', 'COCODataset', 'load_dataset', 'Compose',
-           'RandomLongSideResize', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop', 'normalize_image',
-           'Normalize', 'denormalize', 'train_transform', 'eval_transform', 'collate', 'voc_cls_labels', 'coco_masks',
-           'main']
+           'RandomLongSideResize', 'RandomScale', 'LongSideResize', 'RandomHFlip', 'RandomCrop', 'CenterCrop',
+           'normalize_image', 'Normalize', 'denormalize', 'train_transform', 'eval_transform', 'collate',
+           'voc_cls_labels', 'coco_masks', 'main']
 
 # %% ../nbs/10_data.ipynb #a43572cc
 def _missing(path: Path, expected: str, key: str | None) -> FileNotFoundError:
@@ -269,6 +269,16 @@ class RandomLongSideResize:
         L = int(torch.randint(self.lo, self.hi + 1, ()).item())
         return _resize_item(item, _long_side_size(item["image"].shape[-2:], L))
     def __repr__(self): return f"RandomLongSideResize({self.lo}, {self.hi})"
+
+# %% ../nbs/10_data.ipynb #03a423aa
+class RandomScale:
+    "Resize by a factor drawn uniformly from `[lo, hi]` (DeepLab's scale augmentation: 0.5–1.5)."
+    def __init__(self, lo: float, hi: float): self.lo, self.hi = lo, hi
+    def __call__(self, item):
+        factor = float(torch.empty(()).uniform_(self.lo, self.hi))
+        h, w = item["image"].shape[-2:]
+        return _resize_item(item, (max(1, round(h * factor)), max(1, round(w * factor))))
+    def __repr__(self): return f"RandomScale({self.lo}, {self.hi})"
 
 # %% ../nbs/10_data.ipynb #15ddc931
 class LongSideResize:

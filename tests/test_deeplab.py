@@ -213,11 +213,13 @@ def _has_crf():
         return False
 
 
-# The outputs of `PseudoLabelDataset.augment` under one seed (recorded 2026-12-01, before any refactor of it):
-# sha256 prefixes of image and mask bytes, and the count of padded (255) mask pixels. Item 3 is padded.
-AUGMENT_RECORD = [("a81355fea4119f80", "d4d4067e81eb8d89", 0), ("13f2bd0a9d541930", "ee2343d9a1c98d3a", 0),
-                  ("3c87ca08417af13c", "f476982326d1a323", 0), ("683e2f5747f14ddb", "23c4dd5014f73e7a", 415),
-                  ("5004f7e0e742501a", "504bc44e43a40d90", 0), ("e557ce278dc1b9b6", "5cb8c3a8ef52a94e", 0)]
+# The outputs of `PseudoLabelDataset.augment` under one seed: sha256 prefixes of image and mask bytes, and the count of
+# padded (255) mask pixels; item 6 is padded. Re-recorded 2026-12-02, when augment moved onto getam.data's joint
+# transforms (RandomScale, RandomHFlip, Normalize, RandomCrop: antialiased resize, padding at a random offset); the
+# record of 2026-12-01 pinned the hand-written version it replaced.
+AUGMENT_RECORD = [("a81355fea4119f80", "d4d4067e81eb8d89", 0), ("25fa69bba8862cd1", "a6d1dee96d16e61e", 0),
+                  ("f343cbede15e4564", "99ca7ca3da4a4202", 0), ("8e696517c16a8bb5", "d2050eb8d8433be6", 0),
+                  ("0c51c5dc5c96f595", "365a64533bbc0c4d", 0), ("bd74391f39d639d0", "8a3a201ce3054f58", 32)]
 
 
 def test_pseudo_label_augment_outputs_are_pinned(tmp_path):
@@ -231,3 +233,14 @@ def test_pseudo_label_augment_outputs_are_pinned(tmp_path):
     outs = [ds.augment(img, mask, "a") for _ in AUGMENT_RECORD]
     assert all(o["image"].shape == (3, 32, 32) and o["mask"].shape == (32, 32) for o in outs)
     assert [(digest(o["image"]), digest(o["mask"]), int((o["mask"] == 255).sum())) for o in outs] == AUGMENT_RECORD
+
+
+def test_pseudo_label_augment_is_getam_datas_transforms(tmp_path):
+    "At scale 1 without a flip, on a crop the image's size, augment is exactly `Normalize`; a smaller image is padded."
+    from getam.data import Normalize
+    img, mask = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), torch.randint(0, 21, (32, 32))
+    out = PseudoLabelDataset([], tmp_path, crop_size=32, scale_range=(1.0, 1.0), flip=False).augment(img, mask, "a")
+    torch.testing.assert_close(out["image"], Normalize()(dict(image=img))["image"], rtol=0, atol=0)
+    assert torch.equal(out["mask"], mask)
+    out = PseudoLabelDataset([], tmp_path, crop_size=40, scale_range=(1.0, 1.0), flip=False).augment(img, mask, "a")
+    assert int((out["mask"] == 255).sum()) == 40 * 40 - 32 * 32 and int((out["image"] == 0).all(0).sum()) >= 576

@@ -69,3 +69,19 @@ def test_the_decision_rule():
     assert not offer and "deletion AUC 0.130 vs 0.100" in why
     offer, why = decide(rows(base, [0.10, 0.90, 0.70, 0.70, 50.0]))
     assert not offer and "pointing game 0.700 vs 0.800" in why
+
+
+@pytest.mark.slow
+def test_measure_readouts_writes_the_table_and_reads_its_cache(tmp_path, monkeypatch):
+    from getam.repro import pooled
+    from getam.synth import make_synthvoc
+    root = make_synthvoc(tmp_path / "synth", seed=0, n_train=8, n_val=4, size=64)
+    kw = dict(seeds=(0, 1), size=64, n_images=4, batch_size=4, steps=2, epochs=1, root=root,
+              runs_dir=tmp_path / "runs", out=tmp_path / "fig", threads=1)
+    rows = pooled.measure_readouts(**kw)
+    assert [(r["head"], r["method"]) for r in rows] == [(h, m) for h, ms in pooled.EXPLAINERS.items() for m in ms]
+    text = (tmp_path / "fig" / "pooled_readout.md").read_text()
+    assert text.count("\n| ") == 1 + len(rows) and "Decision: the mean-row GETAM is " in text
+    def no_measuring(*a, **k): raise AssertionError("measured again although the scores are cached")
+    monkeypatch.setattr(pooled, "measure_explainer", no_measuring)
+    assert pooled.measure_readouts(**kw) == rows

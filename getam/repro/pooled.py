@@ -28,7 +28,7 @@ from ..utils import atomic_path, parser_from_signature, run_cli, save_weights, s
 
 # %% auto #0
 __all__ = ['READOUTS', 'EXPLAINERS', 'SCORES', 'readout_weights', 'pooled_coupling', 'pooled_getam', 'pooled_chefer',
-           'readout_model', 'fine_tuned', 'decide', 'measure_readouts', 'main']
+           'readout_model', 'fine_tuned', 'decide', 'measured', 'measure_readouts', 'main']
 
 # %% ../../nbs/97_pooled.ipynb #8c3bf840
 READOUTS = ("token", "mean", "token+mean")
@@ -138,22 +138,38 @@ def decide(rows: Sequence[dict]) -> tuple[bool, str]:
     if worse: return False, "worse than GETAM on the token model: " + "; ".join(worse)
     return True, "no worse than GETAM on the token model on any score, within the seed spread"
 
+# %% ../../nbs/97_pooled.ipynb #1d01705b
+def measured(model: nn.Module, head: str, seed: int, val: dict, settings: dict, size: int = 128,
+             runs_dir=None) -> dict[str, dict]:
+    """Method → `measure_explainer` scores of `EXPLAINERS[head]` on `model`, read from the cache beside its weights when
+    it was measured with the same `settings`, else measured and cached."""
+    path = runs_root(runs_dir) / "pooled" / f"{head}-{size}px-s{seed}-scores.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached["settings"] == settings: return cached["scores"]
+    view = dict(val, x=normalize_image(val["image"], *norm_stats(model)))
+    scores = {method: measure_explainer(fn, model, view, settings["batch_size"], settings["steps"])
+              for method, fn in EXPLAINERS[head].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as t: t.write_text(json.dumps(dict(settings=settings, scores=scores), indent=1))
+    return scores
+
 # %% ../../nbs/97_pooled.ipynb #40751d66
 def measure_readouts(seeds: Sequence[int] = (0, 1), size: int = 128, n_images: int = 64, batch_size: int = 16,
-                     steps: int = 16, root=None, runs_dir=None, out: str | Path = "figures",
+                     steps: int = 16, epochs: int = 10, root=None, runs_dir=None, out: str | Path = "figures",
                      name: str = "pooled_readout", threads: int | None = None) -> list[dict]:
     """Fine-tune both heads per seed, score every explainer of `EXPLAINERS`, write `{out}/{name}.md` (mean ± sd over
-    seeds, the decision) and `.json`. Returns the rows."""
+    seeds, the decision) and `.json`. Each (head, seed)'s scores are cached beside its model, so an interrupted run
+    loses at most one model's measurement. Returns the rows."""
     if threads: torch.set_num_threads(threads)
     val = stack_items(load_split("synth", "val", size, root), n_images)
     per_seed, f1 = {}, {}
     for head, methods in EXPLAINERS.items():
         for seed in seeds:
-            model, record = fine_tuned(head, seed, size, root, runs_dir)
+            model, record = fine_tuned(head, seed, size, root, runs_dir, epochs)
             f1.setdefault(head, []).append(record["val_f1"])
-            view = dict(val, x=normalize_image(val["image"], *norm_stats(model)))
-            for method, fn in methods.items():
-                scores = measure_explainer(fn, model, view, batch_size, steps)
+            settings = dict(n_images=len(val["x"]), batch_size=batch_size, steps=steps, methods=list(methods))
+            for method, scores in measured(model, head, seed, val, settings, size, runs_dir).items():
                 per_seed.setdefault((head, method), []).append(scores)
     rows = []
     for (head, method), runs in per_seed.items():
@@ -168,8 +184,9 @@ def measure_readouts(seeds: Sequence[int] = (0, 1), size: int = 128, n_images: i
     return rows
 
 def _write(rows, out: Path, name: str, seeds, f1: dict, offer: bool, why: str, n_images: int):
-    table = markdown_table([{"head": r["head"], "method": r["method"],
-                             **{s: f"{r[s]:.3f} ± {r[s + ' sd']:.3f}" for s in SCORES}} for r in rows])
+    cells = [{"head": r["head"], "method": r["method"], **{s: f"{r[s]:.3f} ± {r[s + ' sd']:.3f}" for s in SCORES}}
+             for r in rows]
+    table = markdown_table(cells, columns=["head", "method", *SCORES])
     f1_text = ", ".join(f"{h}: {np.mean(v):.3f}" for h, v in f1.items())
     text = (f"Read-out rows on a [class]-token head and on an average-pooled head (SynthVOC val, {n_images} images; "
             f"the shipped ViT fine-tuned with each head, seeds {list(seeds)}; val micro-F1 {f1_text}; mean ± sd over "

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from ..config import resolve_device, setting
-from ..data import load_dataset, normalize_image
+from ..data import Compose, Normalize, RandomCrop, RandomHFlip, RandomScale, load_dataset
 from ..deeplab import BACKBONES, DeepLabV2, save_deeplab
 from ..images import read_png
 from .infer import evaluate_model
@@ -37,7 +37,8 @@ class PseudoLabelDataset(Dataset):
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.base, self.pseudo_dir, self.crop_size = base, Path(pseudo_dir), crop_size
         self.scale_range, self.flip = scale_range, flip
-        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        self.transform = Compose(RandomScale(*scale_range), RandomHFlip() if flip else None, Normalize(mean, std),
+                                 RandomCrop(crop_size))
         if not self.pseudo_dir.is_dir():
             raise FileNotFoundError(f"{self.pseudo_dir}: not found; expected a folder of pseudo-label PNGs, "
                                     "one {name}.png per training image")
@@ -58,21 +59,9 @@ class PseudoLabelDataset(Dataset):
         return self.augment(img, mask, name)
 
     def augment(self, img: torch.Tensor, mask: torch.Tensor, name: str) -> dict:
-        H, W = img.shape[-2:]
-        s = float(torch.empty(()).uniform_(*self.scale_range))
-        h, w = max(1, round(H * s)), max(1, round(W * s))
-        x = F.interpolate(img[None].float() / 255, size=(h, w), mode="bilinear", align_corners=False)[0]
-        m = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-        if self.flip and torch.rand(()) < 0.5: x, m = x.flip(-1), m.flip(-1)
-        x = normalize_image(x, self.mean, self.std)
-        c = self.crop_size
-        Hp, Wp = max(h, c), max(w, c)
-        xp = torch.zeros(3, Hp, Wp)
-        mp = torch.full((Hp, Wp), 255, dtype=torch.long)
-        xp[:, :h, :w], mp[:h, :w] = x, m
-        y0, x0 = int(torch.randint(0, Hp - c + 1, ())), int(torch.randint(0, Wp - c + 1, ()))
-        return dict(image=xp[:, y0:y0 + c, x0:x0 + c].contiguous(), mask=mp[y0:y0 + c, x0:x0 + c].contiguous(),
-                    name=name)
+        "DeepLab's augmentation through `getam.data`'s joint transforms: random scale, flip, normalise, random crop."
+        return self.transform(dict(image=img, mask=mask, name=name))
+
 
 # %% ../../nbs/56_multistage.ipynb #e204051d
 def make_optimizer(model: DeepLabV2, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
