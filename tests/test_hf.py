@@ -165,11 +165,13 @@ def test_timm_and_hf_vit_with_the_same_weights_give_the_same_maps():
 @pytest.mark.parametrize("build, says", [
     (lambda: BeitForImageClassification(config(BeitConfig, num_labels=CLASSES)), "use_mean_pooling=False"),
     (lambda: Dinov2ForImageClassification(config(Dinov2Config, num_labels=CLASSES)), "concatenated with the mean"),
+    (lambda: LinearProbe(transformers.SiglipVisionModel(config(transformers.SiglipVisionConfig)), CLASSES),
+     "attention-pooling query"),
 ])
 def test_pooled_read_outs_are_refused_and_grad_cam_still_runs(build, says):
     model = build().eval()
     x, labels = images_and_labels()
-    assert hf_readout(model) in ("mean", "token+mean")
+    assert hf_readout(model) in ("mean", "token+mean", "attention-pool")
     for method in (getam, att_gradients):
         with pytest.raises(ValueError, match=says): method(model, x, labels)
     assert grad_cam(model, x, labels).shape == (3, CLASSES, 4, 4)

@@ -22,7 +22,8 @@ from ..train.classify import multilabel_f1
 from ..backbones import create_backbone, load_weights_file
 from ..classes import NUM_SYNTH, norm_stats
 from ..data import normalize_image
-from .experiments import SYNTH_ARCH, load_split, markdown_table, stack_items
+from .experiments import SYNTH_ARCH, dataset_root, load_split, markdown_table, stack_items
+from ..synth import synthvoc_version
 from ..faithfulness import deletion_insertion, energy_pointing_game, pointing_game, update_pseudo_label_cm
 from ..metrics import ConfusionMatrix
 from ..utils import atomic_path, run_cli
@@ -111,9 +112,10 @@ def measure_explainer(fn: Callable, model: nn.Module, val: dict, batch_size: int
             "pointing game ↑": game(pg), "energy PG ↑": game(epg), "pseudo-label mIoU ↑": 100 * cm.miou()}
 
 # %% ../../nbs/95_explainers_bench.ipynb #4a811390
-def _caption(val: dict, size: int, batch_size: int, steps: int, how: str, f1: float) -> str:
+def _caption(val: dict, size: int, batch_size: int, steps: int, how: str, f1: float, version: int | None) -> str:
     n_pairs = int((val["label"] > 0).sum())
-    return (f"Explainers side by side on SynthVOC val ({len(val['x'])} images at {size} px, {n_pairs} present "
+    return (f"Explainers side by side on SynthVOC v{version} val ({len(val['x'])} images at {size} px, "
+            f"{n_pairs} present "
             f"(image, class) pairs, batches of {batch_size}, {torch.get_num_threads()} CPU threads). "
             f"ViT: patch {SYNTH_ARCH['patch_size']}, "
             f"width 64, 6 blocks, 2 heads ({how}; val micro-F1 {f1:.3f}). Time: seconds to compute the maps of all "
@@ -137,7 +139,8 @@ def benchmark(weights: str | Path | None = None, root: str | Path | None = None,
     for mname, fn in methods().items():
         if isinstance(fn, str): rows.append({c: "n/a" for c in COLUMNS} | {"method": mname, "note": fn})
         else: rows.append({"method": mname, **measure_explainer(fn, model, val, batch_size, steps), "note": ""})
-    write_table(rows, Path(out), name, _caption(val, size, batch_size, steps, how, f1))
+    version = synthvoc_version(dataset_root("synth", root))
+    write_table(rows, Path(out), name, _caption(val, size, batch_size, steps, how, f1, version))
     return rows
 
 # %% ../../nbs/95_explainers_bench.ipynb #bfd4afaf
