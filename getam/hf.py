@@ -80,7 +80,8 @@ def check_hf_readout(model: nn.Module, method: str = "GETAM") -> None:
     hint = " (build it with use_mean_pooling=False for a [class] head)" if name.startswith("Beit") else ""
     raise ValueError(f"{method} needs a classifier that reads the [class] token; {name}'s head reads {what}{hint}, so "
                      f"row 0 of its attention is not what the classifier sees and the maps would mislead. Pooled "
-                     f"read-outs are not offered until they are validated; use grad_cam for this model")
+                     f"read-outs are not offered: measured, the read-out row that follows the pooling was less "
+                     f"faithful than [class]-token GETAM (figures/pooled_readout.md); use grad_cam for this model")
 
 # %% ../nbs/13_hf.ipynb #c71abd48
 class LinearProbe(nn.Module):

@@ -22,7 +22,8 @@ from ..classes import norm_stats
 from ..data import normalize_image
 from ..train.classify import TensorItems, multilabel_f1, train_classifier
 from ..train.singlestage import PRESETS
-from .experiments import SYNTH_ARCH, load_split, markdown_table, runs_root, stack_items
+from .experiments import SYNTH_ARCH, dataset_root, load_split, markdown_table, runs_root, stack_items
+from ..synth import synthvoc_version
 from .explainers_bench import measure_explainer
 from ..utils import atomic_path, parser_from_signature, run_cli, save_weights, seed_everything
 
@@ -180,22 +181,24 @@ def measure_readouts(seeds: Sequence[int] = (0, 1), size: int = 128, n_images: i
             row[score + " sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
     offer, why = decide(rows)
-    _write(rows, Path(out), name, seeds, f1, offer, why, len(val["x"]))
+    version = synthvoc_version(dataset_root("synth", root))
+    _write(rows, Path(out), name, seeds, f1, offer, why, len(val["x"]), version)
     return rows
 
-def _write(rows, out: Path, name: str, seeds, f1: dict, offer: bool, why: str, n_images: int):
+def _write(rows, out: Path, name: str, seeds, f1: dict, offer: bool, why: str, n_images: int, version: int | None):
     cells = [{"head": r["head"], "method": r["method"], **{s: f"{r[s]:.3f} ± {r[s + ' sd']:.3f}" for s in SCORES}}
              for r in rows]
     table = markdown_table(cells, columns=["head", "method", *SCORES])
     f1_text = ", ".join(f"{h}: {np.mean(v):.3f}" for h, v in f1.items())
-    text = (f"Read-out rows on a [class]-token head and on an average-pooled head (SynthVOC val, {n_images} images; "
+    text = (f"Read-out rows on a [class]-token head and on an average-pooled head (SynthVOC v{version} val, "
+            f"{n_images} images; "
             f"the shipped ViT fine-tuned with each head, seeds {list(seeds)}; val micro-F1 {f1_text}; mean ± sd over "
             f"seeds; made by `python -m getam.repro.pooled`).\n\n{table}\n"
             f"Decision: the mean-row GETAM is {'offered' if offer else 'not offered'} for average-pooled heads: "
             f"{why}.\n")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / f"{name}.md") as t: t.write_text(text)
-    record = dict(rows=rows, offer=offer, why=why, seeds=list(seeds), val_f1=f1)
+    record = dict(rows=rows, offer=offer, why=why, seeds=list(seeds), val_f1=f1, synthvoc_version=version)
     with atomic_path(out / f"{name}.json") as t: t.write_text(json.dumps(record, indent=1))
     print(text)
 
