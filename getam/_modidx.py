@@ -385,6 +385,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'getam.repro.gpucheck.time_getam': ('gpucheck.html#time_getam', 'getam/repro/gpucheck.py'),
                                       'getam.repro.gpucheck.time_train_step': ('gpucheck.html#time_train_step', 'getam/repro/gpucheck.py')},
             'getam.repro.pooled': { 'getam.repro.pooled._write': ('pooled.html#_write', 'getam/repro/pooled.py'),
+                                    'getam.repro.pooled.cache_stem': ('pooled.html#cache_stem', 'getam/repro/pooled.py'),
                                     'getam.repro.pooled.decide': ('pooled.html#decide', 'getam/repro/pooled.py'),
                                     'getam.repro.pooled.fine_tuned': ('pooled.html#fine_tuned', 'getam/repro/pooled.py'),
                                     'getam.repro.pooled.main': ('pooled.html#main', 'getam/repro/pooled.py'),

@@ -85,3 +85,10 @@ def test_measure_readouts_writes_the_table_and_reads_its_cache(tmp_path, monkeyp
     def no_measuring(*a, **k): raise AssertionError("measured again although the scores are cached")
     monkeypatch.setattr(pooled, "measure_explainer", no_measuring)
     assert pooled.measure_readouts(**kw) == rows
+
+
+def test_cache_names_keep_other_recipes_apart(tmp_path):
+    from getam.repro.pooled import cache_stem
+    assert cache_stem("mean", 1, 128, tmp_path).name == "mean-128px-s1"
+    assert cache_stem("mean", 1, 64, tmp_path, epochs=1).name == "mean-64px-s1-e1-lr0.0003"
+    assert cache_stem("token", 0, 128, tmp_path).parent == tmp_path / "reproduce" / "pooled"

@@ -160,6 +160,18 @@ def test_fig4_notebook_runs_through_papermill(tiny_synth, tmp_path):
 
 
 @pytest.mark.slow
+def test_supp4_notebook_writes_both_tables_quick(tiny_synth, tmp_path):
+    "The explainers table and the pooled read-out, made by the reproduce run (quick: 8 images, one 1-epoch seed)."
+    df = R.run_reproduce("synth", only="supp4", out=tmp_path / "figures", runs_dir=tmp_path / "runs", progress=False,
+                         pretrain=False, threads=1, params=dict(quick=True))
+    assert df.status.tolist() == ["ok"], df.error.tolist()
+    assert df.outputs.iloc[0].split() == ["explainers.csv", "explainers.md", "pooled_readout.json", "pooled_readout.md"]
+    text = (tmp_path / "figures" / "pooled_readout.md").read_text()
+    assert "SynthVOC v2 val, 8 images" in text and "Decision: the mean-row GETAM is" in text
+    assert "| LeGrad (ours) |" in (tmp_path / "figures" / "explainers.md").read_text()
+
+
+@pytest.mark.slow
 def test_failing_notebook_is_reported_not_fatal(tiny_synth, tmp_path):
     nb_dir = tmp_path / "nbs"
     nb_dir.mkdir()

@@ -29,7 +29,7 @@ from ..utils import atomic_path, parser_from_signature, run_cli, save_weights, s
 
 # %% auto #0
 __all__ = ['READOUTS', 'EXPLAINERS', 'SCORES', 'readout_weights', 'pooled_coupling', 'pooled_getam', 'pooled_chefer',
-           'readout_model', 'fine_tuned', 'decide', 'measured', 'measure_readouts', 'main']
+           'readout_model', 'cache_stem', 'fine_tuned', 'decide', 'measured', 'measure_readouts', 'main']
 
 # %% ../../nbs/97_pooled.ipynb #8c3bf840
 READOUTS = ("token", "mean", "token+mean")
@@ -94,15 +94,26 @@ def readout_model(head: str, num_classes: int, size: int = 128) -> nn.Module:
                            download=False, **SYNTH_ARCH, **pool)
 
 # %% ../../nbs/97_pooled.ipynb #cdf4978b
+def cache_stem(head: str, seed: int, size: int = 128, runs_dir=None, epochs: int = 10, lr: float = 3e-4) -> Path:
+    """`{runs_dir}/reproduce/pooled/{head}-{size}px-s{seed}[-e{epochs}-lr{lr}]`: where a fine-tuned head and its scores
+    are cached (the recipe named when it is not the default, so that a smoke test never meets the real models)."""
+    recipe = "" if (epochs, lr) == (10, 3e-4) else f"-e{epochs}-lr{lr:g}"
+    return runs_root(runs_dir) / "pooled" / f"{head}-{size}px-s{seed}{recipe}"
+
 def fine_tuned(head: str, seed: int = 0, size: int = 128, root=None, runs_dir=None, epochs: int = 10,
                lr: float = 3e-4, progress: bool = False) -> tuple[nn.Module, dict]:
     "The `readout_model` fine-tuned on SynthVOC train (cached), in eval mode, and its record."
-    path = runs_root(runs_dir) / "pooled" / f"{head}-{size}px-s{seed}.safetensors"
+    stem = cache_stem(head, seed, size, runs_dir, epochs, lr)
+    path = stem.parent / f"{stem.name}.safetensors"
     train = stack_items(load_split("synth", "train", size, root, saliency=False))
     model = readout_model(head, train["label"].shape[1], size)
     if path.is_file():
+        record = json.loads(path.with_suffix(".json").read_text())
+        if (record.get("epochs"), record.get("lr")) != (epochs, lr):
+            raise ValueError(f"{path}: fine-tuned for {record.get('epochs')} epochs at lr {record.get('lr')}, not "
+                             f"{epochs} at {lr}; delete it to fine-tune again")
         model.load_state_dict(load_file(path))
-        return model.eval(), json.loads(path.with_suffix(".json").read_text())
+        return model.eval(), record
     seed_everything(seed)
     x = normalize_image(train["image"], *norm_stats(model))
     losses = train_classifier(model, TensorItems(x, train["label"]), epochs, lr=lr, seed=seed,
@@ -144,7 +155,8 @@ def measured(model: nn.Module, head: str, seed: int, val: dict, settings: dict, 
              runs_dir=None) -> dict[str, dict]:
     """Method → `measure_explainer` scores of `EXPLAINERS[head]` on `model`, read from the cache beside its weights when
     it was measured with the same `settings`, else measured and cached."""
-    path = runs_root(runs_dir) / "pooled" / f"{head}-{size}px-s{seed}-scores.json"
+    stem = cache_stem(head, seed, size, runs_dir, settings["epochs"])
+    path = stem.parent / f"{stem.name}-scores.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached["settings"] == settings: return cached["scores"]
@@ -169,7 +181,8 @@ def measure_readouts(seeds: Sequence[int] = (0, 1), size: int = 128, n_images: i
         for seed in seeds:
             model, record = fine_tuned(head, seed, size, root, runs_dir, epochs)
             f1.setdefault(head, []).append(record["val_f1"])
-            settings = dict(n_images=len(val["x"]), batch_size=batch_size, steps=steps, methods=list(methods))
+            settings = dict(n_images=len(val["x"]), batch_size=batch_size, steps=steps, methods=list(methods),
+                            epochs=epochs)
             for method, scores in measured(model, head, seed, val, settings, size, runs_dir).items():
                 per_seed.setdefault((head, method), []).append(scores)
     rows = []

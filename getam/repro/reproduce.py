@@ -64,7 +64,8 @@ NEEDS = {"fig1": ("vit", "cnn"), "fig2": ("vit", "cnn"), "fig4": ("vit",), "fig6
          "table2": ("vit", "cnn"), "table3": ("vit", "main"), "table4": ("backbones",),
          "table5": ("main", "oracle", "deeplab"),
          "table6": ("reduced", "coco"), "supp1": ("vit", "main"), "supp2": ("vit", "main"),
-         "supp3": ("vit", "vit-scratch", "main", "main-scratch", "oracle", "oracle-scratch")}
+         "supp3": ("vit", "vit-scratch", "main", "main-scratch", "oracle", "oracle-scratch"),
+         "supp4": ()}   # the explainers bench and the pooled read-out train their own (cached) models
 
 def shared_jobs(nbs: Sequence[Path], dataset: str = "synth", quick: bool = False,
                 checkpoint: str = "") -> list[SharedJob]:
@@ -141,7 +142,7 @@ def train_shared(jobs: Sequence[SharedJob], workers: int = 2, threads: int = 1, 
 def run_notebook(nb: Path, out: Path, runs: Path, parameters: dict, kernel: str = "python3",
                  execute: Callable | None = None) -> dict:
     """Execute the notebook `nb` into `runs/{nb.name}` with `parameters` → its summary row: notebook, status
-    (`ok` | `failed`), seconds, outputs (the files `out/{prefix}_*` it wrote) and error."""
+    (`ok` | `failed`), seconds, outputs (the files of `out` it wrote or rewrote) and error."""
     execute = execute or require_extra("papermill", needed_by="getam.repro.reproduce").execute_notebook
     t0, before = time.time(), {p: p.stat().st_mtime for p in out.glob("*")}
     status, err = "ok", ""
@@ -150,7 +151,7 @@ def run_notebook(nb: Path, out: Path, runs: Path, parameters: dict, kernel: str 
                 progress_bar=False, log_output=False)
     except Exception as e:
         status, err = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-    made = sorted(p.name for p in out.glob(f"{nb.stem.split('_')[0]}_*") if before.get(p) != p.stat().st_mtime)
+    made = sorted(p.name for p in out.glob("*") if p.is_file() and before.get(p) != p.stat().st_mtime)
     return dict(notebook=nb.name, status=status, seconds=round(time.time() - t0, 1), outputs=" ".join(made),
                 error=err)
 
