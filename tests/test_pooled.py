@@ -54,11 +54,13 @@ def test_mean_rows_equal_the_slow_reference_on_an_average_pooled_vit():
     with pytest.raises(ValueError, match="never reads"): getam(model, x, y)
 
 
-def rows(token: dict, pooled: dict, sd: float = 0.01) -> list[dict]:
+def rows(token: list, pooled: list, sd: float = 0.01, class_row: list | None = None) -> list[dict]:
     def row(head, method, values):
         return dict(head=head, method=method, **{s: v for s, v in zip(SCORES, values)},
                     **{s + " sd": sd for s in SCORES})
-    return [row("token", "GETAM", token), row("mean", "GETAM (mean rows)", pooled)]
+    class_row = class_row or [0.4, 0.9, 0.5, 0.5, 30.0]        # the row this head never reads: far worse
+    return [row("token", "GETAM", token), row("mean", "GETAM (mean rows)", pooled),
+            row("mean", "GETAM ([class] row)", class_row)]
 
 
 def test_the_decision_rule():
@@ -69,6 +71,9 @@ def test_the_decision_rule():
     assert not offer and "deletion AUC 0.130 vs 0.100" in why
     offer, why = decide(rows(base, [0.10, 0.90, 0.70, 0.70, 50.0]))
     assert not offer and "pointing game 0.700 vs 0.800" in why
+    # a head whose [class] row scores as its pooled rows do cannot tell the read-outs apart
+    offer, why = decide(rows(base, base, class_row=[0.101, 0.899, 0.80, 0.70, 20.0]))
+    assert not offer and why.startswith("inconclusive")
 
 
 @pytest.mark.slow
@@ -81,7 +86,9 @@ def test_measure_readouts_writes_the_table_and_reads_its_cache(tmp_path, monkeyp
     rows = pooled.measure_readouts(**kw)
     assert [(r["head"], r["method"]) for r in rows] == [(h, m) for h, ms in pooled.EXPLAINERS.items() for m in ms]
     text = (tmp_path / "fig" / "pooled_readout.md").read_text()
-    assert text.count("\n| ") == 1 + len(rows) and "Decision: the mean-row GETAM is " in text
+    assert text.count("\n| ") == 1 + len(rows)
+    assert "Decision: GETAM with the mean rows is " in text
+    assert "Decision: GETAM with the [class] + mean rows is " in text
     def no_measuring(*a, **k): raise AssertionError("measured again although the scores are cached")
     monkeypatch.setattr(pooled, "measure_explainer", no_measuring)
     assert pooled.measure_readouts(**kw) == rows
@@ -92,3 +99,17 @@ def test_cache_names_keep_other_recipes_apart(tmp_path):
     assert cache_stem("mean", 1, 128, tmp_path).name == "mean-128px-s1"
     assert cache_stem("mean", 1, 64, tmp_path, epochs=1).name == "mean-64px-s1-e1-lr0.0003"
     assert cache_stem("token", 0, 128, tmp_path).parent == tmp_path / "reproduce" / "pooled"
+
+
+def test_the_token_mean_head_reads_class_and_mean_of_the_shipped_vit():
+    from getam.backbones import vit_of
+    from getam.repro.pooled import readout_model
+    token, both = readout_model("token", 6, 64), readout_model("token+mean", 6, 64)
+    assert torch.equal(vit_of(both).blocks[0].attn.qkv.weight, token.blocks[0].attn.qkv.weight)   # the shipped weights
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = vit_of(both).forward_features(x)
+        expected = both.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))
+        torch.testing.assert_close(both(x), expected)
+        torch.testing.assert_close(both(x), token.eval()(x))    # it starts as the [class] classifier
+    with pytest.raises(ValueError, match="expected one of token, mean"): readout_model("attention-pool", 6)

@@ -167,7 +167,7 @@ def test_supp4_notebook_writes_both_tables_quick(tiny_synth, tmp_path):
     assert df.status.tolist() == ["ok"], df.error.tolist()
     assert df.outputs.iloc[0].split() == ["explainers.csv", "explainers.md", "pooled_readout.json", "pooled_readout.md"]
     text = (tmp_path / "figures" / "pooled_readout.md").read_text()
-    assert "SynthVOC v2 val, 8 images" in text and "Decision: the mean-row GETAM is" in text
+    assert "SynthVOC v2 val, 8 images" in text and "Decision: GETAM with the mean rows is" in text
     assert "| LeGrad (ours) |" in (tmp_path / "figures" / "explainers.md").read_text()
 
 
