@@ -24,6 +24,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'getam.backbones._attention_module': ('backbones.html#_attention_module', 'getam/backbones.py'),
                                  'getam.backbones._check_fit': ('backbones.html#_check_fit', 'getam/backbones.py'),
                                  'getam.backbones._head_classes': ('backbones.html#_head_classes', 'getam/backbones.py'),
+                                 'getam.backbones._hf': ('backbones.html#_hf', 'getam/backbones.py'),
+                                 'getam.backbones._timm_vit': ('backbones.html#_timm_vit', 'getam/backbones.py'),
                                  'getam.backbones.arch_overrides': ('backbones.html#arch_overrides', 'getam/backbones.py'),
                                  'getam.backbones.arch_suffix': ('backbones.html#arch_suffix', 'getam/backbones.py'),
                                  'getam.backbones.blocks_of': ('backbones.html#blocks_of', 'getam/backbones.py'),

@@ -158,11 +158,20 @@ def _check_fit(model: nn.Module, sd: dict, weights, tname: str) -> nn.Module:
     return model
 
 # %% ../nbs/12_backbones.ipynb #78a01798
-def vit_of(model: nn.Module) -> nn.Module:
-    "The timm transformer (one of `VIT_CLASSES`) of `model`: the model itself or `model.backbone`."
+def _timm_vit(model: nn.Module) -> nn.Module | None:
     for m in (model, getattr(model, "backbone", None), getattr(getattr(model, "module", None), "backbone", None),
               getattr(model, "module", None)):
         if isinstance(m, VIT_CLASSES): return m
+    return None
+
+def _hf(model: nn.Module):
+    "The `getam.hf.HFParts` of a transformers model; None for a timm ViT, found first in four attribute reads."
+    return None if _timm_vit(model) is not None else hf_parts(model)
+
+def vit_of(model: nn.Module) -> nn.Module:
+    "The timm transformer (one of `VIT_CLASSES`) of `model`: the model itself or `model.backbone`."
+    vit = _timm_vit(model)
+    if vit is not None: return vit
     names = ", ".join(c.__name__ for c in VIT_CLASSES)
     raise TypeError(f"expected a timm VisionTransformer ({names}) or a model with one as .backbone; "
                     f"got {type(model).__name__}")
@@ -176,7 +185,7 @@ def is_hybrid(model: nn.Module) -> bool:
 def default_layers(model: nn.Module) -> list[int]:
     """The paper's blocks for GETAM: all of them; for ViT-Hybrid the last half (the paper's last 6 of 12); every
     layer of a transformers model."""
-    if hf_parts(model) is not None: return list(range(len(blocks_of(model))))
+    if _hf(model) is not None: return list(range(len(blocks_of(model))))
     n = len(vit_of(model).blocks)
     return list(range(n // 2, n)) if is_hybrid(model) else list(range(n))
 
@@ -195,14 +204,14 @@ def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None = None) 
 # %% ../nbs/12_backbones.ipynb #3703bfc6
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     "The transformer blocks of `model`, in order: its timm ViT's `blocks`, or the layers of its transformers model."
-    parts = hf_parts(model)
+    parts = _hf(model)
     return parts.blocks if parts is not None else list(vit_of(model).blocks)
 
 # %% ../nbs/12_backbones.ipynb #655ed66d
 def check_class_token_readout(model: nn.Module, method: str = "GETAM") -> None:
     """Raise a `ValueError` unless `model`'s classifier reads its [class] token, the row 0 of attention that `method`
     uses; transformers models are judged by `getam.hf.check_hf_readout`."""
-    if hf_parts(model) is not None: return check_hf_readout(model, method)
+    if _hf(model) is not None: return check_hf_readout(model, method)
     vit = vit_of(model)
     pool, has_cls = getattr(vit, "global_pool", "token"), getattr(vit, "cls_token", None) is not None
     if has_cls and pool == "token": return
@@ -257,7 +266,7 @@ def _attention_module(block: nn.Module, i: int) -> nn.Module:
 def record_attention(model: nn.Module, layers: Iterable[int] | int | None = None):
     """Context manager: record the post-softmax attention of `layers` (default `default_layers`) of `model`'s ViT (a
     transformers model: `getam.hf.record_hf_attention`)."""
-    if hf_parts(model) is not None:
+    if _hf(model) is not None:
         with record_hf_attention(model, resolve_layers(model, layers)) as rec: yield rec
         return
     vit = vit_of(model)

@@ -97,3 +97,14 @@ def record_qkv_dtypes(monkeypatch) -> list:
         finally: h.remove()
     monkeypatch.setattr(step_module, "step_losses", spy)
     return dtypes
+
+
+def count_cost(monkeypatch, model: nn.Module) -> tuple[list, list]:
+    """Count the cost model's two quantities from now on: `(vjps, forwards)`, the number of tensors each
+    `torch.autograd.grad` call asks for and one entry per forward of `model`."""
+    vjps, forwards = [], []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad",
+                        lambda out, inp, *a, **k: vjps.append(len(inp)) or real_grad(out, inp, *a, **k))
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))   # the model is the test's own: the hook stays
+    return vjps, forwards

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import tiny_backbone
+from fixtures import count_cost, tiny_backbone
 from getam.attribution import (attention_rollout, chefer_attribution, every_block, legrad, legrad_scores,
                                rollout_matrix)
 from getam.cams import present_ranks
@@ -193,18 +193,13 @@ def test_cost_one_forward_and_attention_only_vjps(monkeypatch):
     model = tiny_backbone("vit").eval()
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([[1., 1, 1, 0], [1., 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]])   # sum K = 6, max K = 3
-    calls, forwards = [], []
-    real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad",
-                        lambda out, inp, *a, **k: calls.append(len(inp)) or real_grad(out, inp, *a, **k))
-    h = model.register_forward_hook(lambda *a: forwards.append(1))
+    calls, forwards = count_cost(monkeypatch, model)
     expected = {attention_rollout: [], chefer_attribution: [3] * 3, legrad: [1] * 9}
     for method, vjps in expected.items():
         calls.clear()
         forwards.clear()
         method(model, x, y)
         assert calls == vjps and forwards == [1], method.__name__
-    h.remove()
     assert all(p.grad is None for p in model.parameters())
     assert len(present_ranks(y)) == 3
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fixtures import tiny_backbone
+from fixtures import count_cost, tiny_backbone
 from getam.backbones import create_backbone
 from getam.repro.reference import benchmark_cams
 from getam.cams import (att_gradients, cam_add, cam_ignore, cnn_cam, getam, getam_layers, grad_cam, maps_from_attention,
@@ -132,13 +132,8 @@ def test_cost_one_forward_maxk_vjps_no_param_grads(monkeypatch):
     model = tiny_backbone("vit").eval()
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([[1., 1, 1, 0], [1., 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]])   # sum K = 6, max K = 3
-    calls, forwards = [], []
-    real_grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad",
-                        lambda out, inp, *a, **k: calls.append(len(inp)) or real_grad(out, inp, *a, **k))
-    h = model.register_forward_hook(lambda *a: forwards.append(1))
+    calls, forwards = count_cost(monkeypatch, model)
     getam(model, x, y)
-    h.remove()
     assert calls == [3, 3, 3] and forwards == [1]
     assert all(p.grad is None for p in model.parameters())
     assert present_ranks(y)[2][0].tolist() == [0]

@@ -206,15 +206,9 @@ def test_layer_explorer_steps_through_an_hf_model():
 
 def test_one_forward_and_one_vjp_per_rank(monkeypatch):
     "The cost model holds for HF models too: one forward of the batch, then max_b K_b attention-only VJPs."
-    import getam.cams as cams_module
+    from fixtures import count_cost
     model = family("vit")
     x, labels = images_and_labels()                  # 2, 1 and 3 present classes: 3 ranks
-    forwards, vjps = [], []
-    model.register_forward_pre_hook(lambda m, a: forwards.append(1))
-    grad = torch.autograd.grad
-    def counting_grad(outputs, inputs, *a, **k):
-        vjps.append(len(inputs))
-        return grad(outputs, inputs, *a, **k)
-    monkeypatch.setattr(cams_module.torch.autograd, "grad", counting_grad)
+    vjps, forwards = count_cost(monkeypatch, model)
     getam(model, x, labels)
     assert len(forwards) == 1 and vjps == [3, 3, 3]   # each VJP asks for the 3 blocks' attention only
