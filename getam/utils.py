@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'environ', 'save_weights', 'time_side_by_side', 'format_timings',
-           'MissingExtra', 'require_extra', 'run_cli', 'parser_from_signature']
+__all__ = ['USER_ERRORS', 'seed_everything', 'atomic_path', 'environ', 'deterministic_algorithms', 'save_weights',
+           'time_side_by_side', 'format_timings', 'MissingExtra', 'require_extra', 'run_cli', 'parser_from_signature']
 
 # %% ../nbs/01_utils.ipynb #329a91e7
 def seed_everything(seed: int) -> None:
@@ -55,6 +55,23 @@ def environ(**values: str):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+
+# %% ../nbs/01_utils.ipynb #1f251a61
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Inside the block (when `enabled`): deterministic torch kernels only, no cuDNN benchmarking, and the cuBLAS
+    workspace setting their determinism needs; the previous settings are restored after it."""
+    if not enabled:
+        yield
+        return
+    old = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    with environ(CUBLAS_WORKSPACE_CONFIG=os.environ.get("CUBLAS_WORKSPACE_CONFIG") or ":4096:8"):
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        try: yield
+        finally:
+            torch.use_deterministic_algorithms(old[0])
+            torch.backends.cudnn.benchmark = old[1]
 
 # %% ../nbs/01_utils.ipynb #7617979d
 def save_weights(path: str | Path, state_dict: dict, record: dict | None = None, sha256: bool = False) -> Path:

@@ -85,6 +85,14 @@ def tiny_config(**kw) -> TrainConfig:
     return make_config(**{**base, **kw})
 
 
+# `python -m getam.train` options of a tiny run from random weights (SynthVOC of 20 training images of 32 px): global
+# batch 4, 5 steps an epoch, 2 epochs, phase 2 from step 5, checkpoints every 3 steps and at each epoch end
+TINY_CLI = ["--no-pretrained", "--depth", "4", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
+            "--crop-size", "32", "--batch-size", "4", "--epochs", "2", "--cls-only-frac", "0.5", "--limit-train", "20",
+            "--limit-val", "4", "--eval-every", "0", "--ckpt-every", "3", "--no-progress", "--no-plots",
+            "--threads", "1", "--no-write-pseudo", "--seed", "3"]
+
+
 def record_qkv_dtypes(monkeypatch) -> list:
     """Record the dtype of the first block's qkv projection in every training step (does AMP really change the
     arithmetic?)."""

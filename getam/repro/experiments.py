@@ -157,7 +157,7 @@ def classifier_info(kind: str = "vit", dataset: str = "synth", size: int = SIZE,
 
 # %% ../../nbs/91_experiments.ipynb #9ee5828e
 # TrainConfig fields that do not change what a run learns
-RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_at_step")
+RUNTIME_FIELDS = ("progress", "plots", "threads", "resume", "ckpt_every", "stop_at_step", "deterministic")
 # development budget for smoke tests, never the reported numbers
 QUICK = dict(epochs=2, limit_train=32, limit_val=16, eval_every=0)
 # budget of Tables 4 and 6: the main run's fine-tuning schedule

@@ -6,6 +6,7 @@ log."""
 # %% ../../nbs/52_loop.ipynb #4fcf4b3e
 from __future__ import annotations
 import csv, json, math, os, random, shutil, time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -22,9 +23,10 @@ from ..data import collate
 from ..utils import atomic_path, save_weights
 
 # %% auto #0
-__all__ = ['unwrap_model', 'dist_info', 'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler', 'SeededItems', 'save_checkpoint',
-           'load_checkpoint', 'ddp_wrap', 'DDPSetup', 'EpochBatches', 'Checkpointer', 'parse_value', 'CSVLog',
-           'Progress', 'StepContext', 'fit']
+__all__ = ['STAGED', 'PARTIAL', 'CHECKPOINT_FILES', 'unwrap_model', 'dist_info', 'elastic_restart', 'init_distributed',
+           'DistBatchNorm2d', 'sync_batchnorm', 'ResumableSampler', 'SeededItems', 'save_checkpoint',
+           'recover_checkpoint', 'load_checkpoint', 'ddp_wrap', 'DDPSetup', 'EpochBatches', 'Checkpointer',
+           'parse_value', 'CSVLog', 'Progress', 'StepContext', 'fit']
 
 # %% ../../nbs/52_loop.ipynb #b2541a8a
 def unwrap_model(model: nn.Module) -> nn.Module: return model.module if hasattr(model, "module") else model
@@ -43,6 +45,22 @@ def _to(batch: dict, device) -> dict:
 def dist_info() -> tuple[int, int, int]:
     "(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+# %% ../../nbs/52_loop.ipynb #10963c10
+def elastic_restart() -> int:
+    "How many times torchrun has restarted this process group (`TORCHELASTIC_RESTART_COUNT`; 0 outside torchrun)."
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+# %% ../../nbs/52_loop.ipynb #17c20693
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> bool:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) under a store prefix of this restart; True when this
+    call made the group (the caller destroys it), False with one process or a group already made."""
+    if dist_info()[1] == 1 or dist.is_initialized(): return False
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"getam/restart{elastic_restart()}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return True
 
 # %% ../../nbs/52_loop.ipynb #cee6e987
 class DistBatchNorm2d(nn.BatchNorm2d):
@@ -122,23 +140,51 @@ def _set_rng_state(st: dict):
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
+STAGED, PARTIAL = ".checkpoint.next", ".checkpoint.partial"   # the checkpoint journal's two folders in out_dir
+CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, epoch: int, step: int, epoch_step: int,
                     config: dict | None = None, scaler=None, extra: dict | None = None) -> Path:
-    "Write `model.safetensors` and `state.pt` atomically into `out_dir`; returns the folder."
+    """Write `model.safetensors` and `state.pt` into `out_dir` as one checkpoint (through the `PARTIAL` and `STAGED`
+    folders: a kill at any moment leaves the old checkpoint or the new one); returns the folder."""
     out_dir = Path(out_dir)
-    save_weights(out_dir / "model.safetensors", unwrap_model(model).state_dict())
+    recover_checkpoint(out_dir)
+    partial = out_dir / PARTIAL
+    partial.mkdir(parents=True)
+    save_weights(partial / "model.safetensors", unwrap_model(model).state_dict())
     state = dict(optimizer=optimizer.state_dict(), epoch=epoch, step=step, epoch_step=epoch_step, rng=_rng_state(),
                  config=json.dumps(config) if config else "{}", scaler=scaler.state_dict() if scaler else None,
                  extra=extra or {})
-    with atomic_path(out_dir / "state.pt") as t: torch.save(state, t)
+    torch.save(state, partial / "state.pt")
+    os.rename(partial, out_dir / STAGED)   # the new checkpoint is complete
+    recover_checkpoint(out_dir)            # ... and now the current one
     return out_dir
+
+
+# %% ../../nbs/52_loop.ipynb #c29eef1b
+def recover_checkpoint(out_dir: str | Path, tidy: bool = False) -> bool:
+    """Finish (a complete `STAGED` folder) or drop (a `PARTIAL` one) a checkpoint write that a kill interrupted, and
+    (`tidy`) remove `atomic_path`'s leftover temporary files; True when `out_dir` then holds a checkpoint."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
+    staged = out_dir / STAGED
+    if staged.is_dir():
+        for name in CHECKPOINT_FILES:   # state last: the step it names is the step of the weights beside it
+            try: os.replace(staged / name, out_dir / name)
+            except FileNotFoundError: pass   # moved before the kill, or by another reader
+        try: staged.rmdir()
+        except FileNotFoundError: pass
+    for tmp in out_dir.glob(".*.tmp") if tidy and out_dir.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+    return all((out_dir / name).is_file() for name in CHECKPOINT_FILES)
 
 # %% ../../nbs/52_loop.ipynb #aed0f78e
 def load_checkpoint(out_dir: str | Path, model: nn.Module, optimizer=None, scaler=None,
                     restore_rng: bool = True) -> dict:
     "Load weights (and optimiser, scaler, RNG states) from `out_dir`; returns the state dict (epoch, step, …)."
     out_dir = Path(out_dir)
-    for f in ("model.safetensors", "state.pt"):
+    recover_checkpoint(out_dir)
+    for f in CHECKPOINT_FILES:
         if not (out_dir / f).is_file():
             raise FileNotFoundError(f"no checkpoint in {out_dir}: {f} is missing (expected model.safetensors + "
                                     "state.pt written by getam.train.singlestage; out_dir defaults to the settings.ini "
@@ -215,13 +261,22 @@ class Checkpointer:
         "`out_dir / name` on the process that writes; None on the others and without `out_dir`."
         return self.out_dir / name if self.writes else None
 
-    def restore(self) -> tuple[int, int, int, list]:
-        "(epoch, step, steps done in that epoch, history) from the checkpoint in `out_dir`; an error without one."
+    def restore(self, required: bool = True) -> tuple[int, int, int, list]:
+        """(epoch, step, steps done in that epoch, history) from the checkpoint in `out_dir`, recovered first (the main
+        process finishes an interrupted write before any process reads). Without a checkpoint: the start of a run when
+        not `required`, or when `out_dir` holds the log of a run stopped before its first checkpoint; else an error."""
+        if self.writes: recover_checkpoint(self.out_dir, tidy=True)
+        if dist.is_available() and dist.is_initialized(): dist.barrier()
         if self.out_dir is None or not (self.out_dir / "state.pt").is_file():
+            started = self.out_dir is not None and (self.out_dir / "log.csv").is_file()
+            if not required or started:
+                if started and self.writes: print(f"{self.out_dir}: no checkpoint yet, starting from step 0")
+                return 0, 0, 0, []
             raise FileNotFoundError(f"{self.out_dir}: no checkpoint to resume from (expected state.pt and "
                                     "model.safetensors of an earlier run in this folder); check out_dir, or run "
                                     "without resume to start afresh")
         state = load_checkpoint(self.out_dir, self.model, self.optimizer, self.scaler)
+        if self.writes: print(f"{self.out_dir}: resuming from the checkpoint at step {state['step']}")
         self.last = state["step"]
         history = json.loads(state["extra"].get("val_hist", "[]")) if state.get("extra") else []
         return state["epoch"], state["step"], state["epoch_step"], history
@@ -267,7 +322,8 @@ class CSVLog:
         "The rows of the log at `path`, values parsed back, those of steps before `upto` ([] when there is no log)."
         if not path.is_file(): return []
         with open(path) as f:
-            rows = [{k: parse_value(v) if v != "" else "" for k, v in r.items()} for r in csv.DictReader(f)]
+            rows = [{k: parse_value(v) if v != "" else "" for k, v in r.items()} for r in csv.DictReader(f)
+                    if None not in r.values()]   # a row torn by a kill mid-write has fields missing
         return [r for r in rows if upto is None or r["step"] < upto]
 
     def __enter__(self) -> CSVLog:
@@ -370,20 +426,22 @@ def _run_step(step_fn: Callable, ctx: StepContext, batch: dict, lr_at: Callable 
 def fit(step_fn: Callable[[StepContext, dict], dict], model: nn.Module, optimizer, train_ds: Dataset, *, epochs: int,
         batch_size: int, lr_at: Callable[[int, int], float] | None = None, out_dir: str | Path | None = None,
         config: dict | None = None, seed: int = 0, device: torch.device | str = "cpu", amp: str = "none",
-        resume: bool = False, ckpt_every: int = 0, stop_at_step: int | None = None, num_workers: int = 0,
+        resume: bool | str = False, ckpt_every: int = 0, stop_at_step: int | None = None, num_workers: int = 0,
         progress: bool = True, log_fields: Sequence[str] = ("step", "epoch", "lr", "loss", "time_s"),
         after_epoch: Callable[[int, int, int], dict | None] | None = None) -> dict:
     """The one training loop: epochs of `step_fn(ctx, batch) -> dict` (log values; call `ctx.update` inside) over
     `train_ds` with the global `batch_size` split over DDP ranks, `lr_at(step, total)` set before each step, AMP, a CSV
-    log, checkpoints (`out_dir`: every epoch end, every `ckpt_every` steps, at `stop_at_step`), exact resume and the
-    NaN guard. `after_epoch(epoch, step, total)` may return a dict (e.g. a validation score) kept in `history`.
+    log, checkpoints (`out_dir`: every epoch end, every `ckpt_every` steps, at `stop_at_step`), exact resume (`resume`
+    True; "auto": when `out_dir` holds a checkpoint, as after a torchrun restart) and the NaN guard.
+    `after_epoch(epoch, step, total)` may return a dict (e.g. a validation score) kept in `history`.
     Returns `dict(log, history, step, stopped, train_time_s, net)`; `out_dir=None` keeps everything in memory."""
     device, ddp = torch.device(device), DDPSetup(batch_size)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     data = EpochBatches(train_ds, ddp, seed, num_workers)
     ctx = StepContext(ddp.wrap(model, device), optimizer, scaler, _autocast(device, amp), epochs * data.steps, device)
     ckpt = Checkpointer(out_dir, model, optimizer, scaler, config, writes=ddp.main, every=ckpt_every)
-    start, step, skip, history = ckpt.restore() if resume else (0, 0, 0, [])
+    if not resume and elastic_restart(): resume = "auto"   # torchrun restarted the group: continue the run
+    start, step, skip, history = ckpt.restore(required=resume is True) if resume else (0, 0, 0, [])
     log = CSVLog(ckpt.file("log.csv"), log_fields, CSVLog.read(ckpt.out_dir / "log.csv", upto=step) if resume else [])
     bars, stopped, t0 = Progress(range(start, epochs), show=progress and ddp.main), False, time.perf_counter()
     with ckpt, log:

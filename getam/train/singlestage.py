@@ -20,12 +20,12 @@ from ..completion import SALIENCY_SOURCES, LabelRule
 from ..config import default_saliency_root, get_settings, resolve_device
 from ..data import DATASETS, eval_transform, load_dataset, train_transform
 from .infer import evaluate_segmenter, pseudo_label_dataset
-from .loop import parse_value, dist_info, fit
+from .loop import dist_info, fit, init_distributed, parse_value
 from ..model import GetamSegmenter
 from .schedules import lr_at, phase2_start
 from .step import train_step
 from ..synth import LATEST_VERSION, require_synthvoc, synthvoc_version
-from ..utils import atomic_path, parser_from_signature, run_cli, seed_everything
+from ..utils import atomic_path, deterministic_algorithms, parser_from_signature, run_cli, seed_everything
 
 
 # %% auto #0
@@ -94,9 +94,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0              # DataLoader worker processes (any number gives the same run)
     threads: int | None = None        # torch.set_num_threads
+    deterministic: bool = False       # torch.use_deterministic_algorithms + cuBLAS workspace: GPU runs repeat exactly
     out_dir: str | None = None        # None → settings.ini runs_dir / run_name
     run_name: str | None = None       # None → {dataset}-{backbone}-{supervision}
-    resume: bool = False              # continue from out_dir's checkpoint
+    resume: bool = False              # continue from out_dir's checkpoint (automatic after a torchrun restart)
     ckpt_every: int = 0               # also checkpoint every N steps (0: at epoch ends only)
     stop_at_step: int | None = None   # checkpoint and stop at this global step (simulates an interruption)
     eval_every: int = 0               # val mIoU every N epochs during phase 2 (0: only at the end)
@@ -235,14 +236,15 @@ def train(cfg: TrainConfig | None = None, *, train_ds: Dataset | None = None, va
     t_start = time.perf_counter()
     cfg = check_config(cfg) if cfg is not None else make_config(**kw)
     rank, world, local = dist_info()
-    own_pg = world > 1 and not dist.is_initialized()
     device = resolve_device(cfg.device)
-    if own_pg: dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    own_pg = init_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if cfg.threads: torch.set_num_threads(cfg.threads)
-    try: return _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds)
+    try:
+        with deterministic_algorithms(cfg.deterministic):
+            return _train(cfg, rank, world, device, t_start, train_ds, val_ds, pseudo_ds)
     finally:
         if own_pg: dist.destroy_process_group()
 
