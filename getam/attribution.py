@@ -5,7 +5,7 @@ generic attention explainability (2021) and LeGrad (Bousselham et al. 2024) — 
 
 # %% ../nbs/26_attribution.ipynb #e6f05171
 from __future__ import annotations
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import nn
 
 from .backbones import blocks_of, check_class_token_readout, record_attention, resolve_layers, vit_of
 from .cams import logits_of, rank_vjps, target_labels, token_classifier
+from .hf import hf_parts, hf_token_head
 
 # %% auto #0
 __all__ = ['LEGRAD_POOLS', 'every_block', 'rollout_matrix', 'attention_rollout', 'chefer_relevance', 'chefer_attribution',
@@ -87,37 +88,54 @@ LEGRAD_POOLS = ("mean", "token")
 def _check_pool(pool: str):
     if pool not in LEGRAD_POOLS: raise ValueError(f"pool={pool!r}; expected one of {', '.join(LEGRAD_POOLS)}")
 
-def legrad_scores(tokens: torch.Tensor, model: nn.Module, pool: str = "mean") -> torch.Tensor:
-    """LeGrad's per-layer class scores s^l [B, C] from the tokens [B, N, D] after a block: the model's final norm and
-    classifier on the mean of all tokens (`pool='mean'`) or on the [class] token (`pool='token'`)."""
-    _check_pool(pool)
-    vit = vit_of(model)
-    pooled = tokens.mean(1, keepdim=True) if pool == "mean" else tokens[:, :1]
-    return token_classifier(vit)(vit.norm(pooled))[:, 0]
+def _pooled(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    return tokens.mean(1, keepdim=True) if pool == "mean" else tokens[:, :1]
 
-# %% ../nbs/26_attribution.ipynb #8ef7af60
-def _timm_vit(model: nn.Module) -> nn.Module:
+def _timm_head(vit: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: token_classifier(vit)(vit.norm(t))
+
+def _legrad_vit(model: nn.Module) -> nn.Module | None:
+    "The timm ViT of `model`, None for a transformers model, or the `TypeError` that says what LeGrad needs."
     try: return vit_of(model)
     except TypeError as e:
-        raise TypeError(f"legrad needs the tokens after every block and the final norm of a timm ViT: {e}") from None
+        if hf_parts(model) is not None: return None
+        raise TypeError(f"legrad needs the tokens after every block and the final norm of a timm ViT or of a "
+                        f"transformers ViT (getam.hf): {e}") from None
+
+def legrad_scores(tokens: torch.Tensor, model: nn.Module, pool: str = "mean") -> torch.Tensor:
+    """LeGrad's per-layer class scores s^l [B, C] from the tokens [B, N, D] after a block: the model's final norm and
+    classifier (timm's, or `getam.hf.hf_token_head`) on the mean of all tokens (`pool='mean'`) or on the [class] token
+    (`pool='token'`)."""
+    _check_pool(pool)
+    vit = _legrad_vit(model)
+    head = hf_token_head(model) if vit is None else _timm_head(vit)
+    return head(_pooled(tokens, pool))[:, 0]
+
+# %% ../nbs/26_attribution.ipynb #8ef7af60
+def _keep_tokens(store: dict, i: int):
+    def hook(module, args, out): store[i] = out[0] if isinstance(out, (tuple, list)) else out
+    return hook
 
 def legrad(model: nn.Module, images: torch.Tensor, labels=None, layers: Iterable[int] | int | None = None,
            top_k: int = 1, pool: str = "mean") -> torch.Tensor:
     """LeGrad (Bousselham et al. 2024): Σ_l `legrad_layer_map`(∂s^l_c/∂A_l) for every class of `labels`
     (`target_labels`) → [B, C, h, w]; s^l = `legrad_scores` of block l's output tokens; `layers=None`: every block."""
-    vit = _timm_vit(model)
+    vit = _legrad_vit(model)
     _check_pool(pool)
-    if pool == "token": check_class_token_readout(model, "LeGrad with pool='token'")
+    if vit is None: modules, head = hf_parts(model).blocks, hf_token_head(model, "LeGrad")
+    else:
+        if pool == "token": check_class_token_readout(model, "LeGrad with pool='token'")
+        modules, head = vit.blocks, _timm_head(vit)
     blocks = every_block(model) if layers is None else resolve_layers(model, layers)
     tokens = {}
-    hooks = [vit.blocks[i].register_forward_hook(lambda m, a, out, i=i: tokens.__setitem__(i, out)) for i in blocks]
+    hooks = [modules[i].register_forward_hook(_keep_tokens(tokens, i)) for i in blocks]
     try:
         with record_attention(model, blocks) as rec, torch.enable_grad():
             logits, p = logits_of(model(images)), rec.num_prefix_tokens
             labels = target_labels(labels, logits, top_k)
             maps = torch.zeros(*labels.shape, rec.attn[0].shape[-1] - p, device=rec.attn[0].device)
             for i, a in zip(rec.layers, rec.attn):
-                scores = legrad_scores(tokens[i], vit, pool)
+                scores = head(_pooled(tokens[i], pool))[:, 0]
                 for rows, cls, (g,) in rank_vjps(scores, [a], labels, retain_graph=True):
                     rows, cls = rows.to(maps.device), cls.to(maps.device)
                     maps[rows, cls] += legrad_layer_map(g[rows], p)

@@ -6,15 +6,15 @@ record its post-softmax attention on the model's own eager path, and know which 
 # %% ../nbs/13_hf.ipynb #15039ca2
 from __future__ import annotations
 from contextlib import contextmanager
-from functools import partial
-from typing import NamedTuple, Sequence
+from functools import partial, reduce
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['READOUTS', 'HFParts', 'hf_parts', 'hf_readout', 'check_hf_readout', 'LinearProbe', 'HFAttentionRecorder',
-           'record_hf_attention']
+__all__ = ['READOUTS', 'TOKEN_HEADS', 'POOLERS', 'HFParts', 'hf_parts', 'hf_readout', 'check_hf_readout', 'LinearProbe',
+           'hf_token_head', 'HFAttentionRecorder', 'record_hf_attention']
 
 # %% ../nbs/13_hf.ipynb #cbfcdc9d
 class HFParts(NamedTuple):
@@ -93,6 +93,47 @@ class LinearProbe(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.tower(pixel_values=images).pooler_output)
+
+# %% ../nbs/13_hf.ipynb #ec471162
+TOKEN_HEADS = {   # per classifier: the modules its logits pass the [class] token through after the last layer
+    "ViTForImageClassification": ("vit.layernorm", "classifier"),
+    "DeiTForImageClassification": ("deit.layernorm", "classifier"),
+    "DeiTForImageClassificationWithTeacher": ("deit.layernorm", ("cls_classifier", "distillation_classifier")),
+    "BeitForImageClassification": ("beit.layernorm", "classifier"),      # the [class] head: use_mean_pooling=False
+}
+POOLERS = {       # per tower: the modules its pooler_output passes the [class] token through (a LinearProbe reads it)
+    "ViTModel": ("layernorm", "pooler.dense", "pooler.activation"),
+    "DeiTModel": ("layernorm", "pooler.dense", "pooler.activation"),
+    "BeitModel": ("layernorm",), "Dinov2Model": ("layernorm",), "Dinov2WithRegistersModel": ("layernorm",),
+    "CLIPVisionModel": ("post_layernorm",),
+}
+
+def _stages(root: nn.Module, paths: Sequence) -> list[Callable]:
+    "The modules at the attribute `paths` of `root`, in order; a tuple of paths: the mean of those modules' outputs."
+    def get(path: str) -> nn.Module:
+        module = reduce(lambda m, name: getattr(m, name, None), path.split("."), root)
+        if not callable(module): raise TypeError(f"{type(root).__name__} has no module {path}")
+        return module
+    def mean_of(modules): return lambda t: sum(m(t) for m in modules) / len(modules)
+    return [mean_of([get(q) for q in p]) if isinstance(p, tuple) else get(p) for p in paths]
+
+def hf_token_head(model: nn.Module, method: str = "LeGrad") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The read-out of `model`'s logits from its [class] token, applied to every token: tokens [B, n, D] (any layer's
+    output) → [B, n, C], through `TOKEN_HEADS` (a `LinearProbe`: its tower's `POOLERS`, then its `head`)."""
+    check_hf_readout(model, method)
+    hf = hf_parts(model).model
+    name = type(hf).__name__
+    if model is hf and name in TOKEN_HEADS: stages = _stages(hf, TOKEN_HEADS[name])
+    elif isinstance(model, LinearProbe) and model.tower is hf and name in POOLERS:
+        stages = _stages(hf, POOLERS[name]) + [model.head]
+    else:
+        raise TypeError(f"{method} reads the tokens of every layer through the model's head, and getam knows the "
+                        f"heads of {', '.join(TOKEN_HEADS)} and of a getam.hf.LinearProbe on {', '.join(POOLERS)}; "
+                        f"got {type(model).__name__} around {name}")
+    def head(tokens: torch.Tensor) -> torch.Tensor:
+        for stage in stages: tokens = stage(tokens)
+        return tokens
+    return head
 
 # %% ../nbs/13_hf.ipynb #63699415
 class HFAttentionRecorder:
