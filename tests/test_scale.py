@@ -111,6 +111,9 @@ def test_projection_arithmetic_by_hand():
     assert rows[2]["value"] == pytest.approx(0.08)                          # 40,000 × 2,000 B = 80 MB
     assert rows[3]["value"] == pytest.approx(81 * 100 * 4 * 40_000 / 1e12)  # probability maps, TB
     assert rows[4]["value"] == pytest.approx(40_000 * 2 / 3600)             # 4 TFLOP at 2 TFLOP/s = 2 s an image
+    evals["coco"]["cpu_part_images_per_s_per_core"] = 2.0                   # the CRF alone: 4 times faster
+    beside = scale.project_eval(evals, {}, a)[4:]
+    assert [r["value"] * 3600 for r in beside] == pytest.approx([40_000 / 16, 40_000 / 64])
     steps = {"b": dict(plain=dict(flops=2e12, seconds=10.0), double_backward=dict(flops=2.5e12, seconds=30.0, size=8))}
     rows = scale.project_training(steps, {"voc": 1.0, "coco": 1.0}, a)
     # plain: 2 TFLOP at 2 TFLOP/s = 1 s; double backward: 3 times the plain step on the CPU = 3 s (not its FLOPs)
