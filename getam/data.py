@@ -56,11 +56,12 @@ def _read_labels(f: Path) -> dict:
 
 # %% ../nbs/10_data.ipynb #d6a55a69
 class VOCDataset(_SegDataset):
-    "VOC-layout segmentation data: items `{image, label, mask, [saliency], name}`."
+    """VOC-layout segmentation data: items `{image, label, [mask], [saliency], name}`; `masks=False` reads no mask
+    (weakly supervised training uses none)."""
     def __init__(self, root, split: str = "train", saliency_root=None, transform: Callable | None = None,
                  class_names: Sequence[str] = VOC_CLASSES, palette=PALETTE, saliency_threshold: int = 0,
                  root_key: str = "voc_root", saliency_key: str = "voc_saliency_root",
-                 what: str = "the PASCAL VOC 2012 folder"):
+                 what: str = "the PASCAL VOC 2012 folder", masks: bool = True):
         self.root, self.split, self.transform = Path(root), split, transform
         self.class_names, self.palette, self.saliency_threshold = list(class_names), palette, saliency_threshold
         self.root_key, self.saliency_key = root_key, saliency_key
@@ -75,13 +76,15 @@ class VOCDataset(_SegDataset):
         self.ids = [Path(l.split()[0]).stem if l.startswith("/") else l.split()[0]
                     for l in lst.read_text().splitlines() if l.strip()]
         self.has_masks = split != "test"
-        self.labels = None
-        if self.has_masks:
+        self.masks = masks and self.has_masks
+        self.labels, self.mask_dir = None, None
+        if self.masks:
             self.mask_dir = next((self.root / d for d in ("SegmentationClassAug", "SegmentationClass")
                                   if (self.root / d).is_dir()), None)
             if self.mask_dir is None:
                 raise _missing(self.root / "SegmentationClassAug", "the class masks ({id}.png; or SegmentationClass/)",
                                root_key)
+        if self.has_masks:
             f = self.root / "cls_labels.npy"
             if not f.is_file():
                 raise _missing(f, "the image-level labels, a dict id -> multi-hot float32[C] "
@@ -120,8 +123,8 @@ class VOCDataset(_SegDataset):
                            self.root_key)
         item = dict(image=read_image(p), name=name)
         hw = item["image"].shape[1:]
-        if self.has_masks:
-            item["label"] = self.label(name)
+        if self.has_masks: item["label"] = self.label(name)
+        if self.masks:
             m = self._dense(self.mask_dir / f"{name}.png",
                             f"the class mask of id {name!r} (0 background, 1..C, 255 ignore)", self.root_key, hw)
             item["mask"] = torch.from_numpy(m.astype(np.int64))
@@ -164,47 +167,62 @@ def coco_class_mask(coco, image_id: int, cat_to_label: dict[int, int]) -> np.nda
 # %% ../nbs/10_data.ipynb #94c639cb
 class COCODataset(_SegDataset):
     """COCO-format segmentation data (`root/{split}/`, `root/annotations/instances_{split}.json`): items
-    `{image, label, mask, [saliency], name}`."""
+    `{image, label, [mask], [saliency], name}`. `masks=False` (weakly supervised training) reads and builds no mask
+    and keeps no pycocotools index (`coco` is None)."""
     def __init__(self, root, split: str = "train2014", saliency_root=None, transform: Callable | None = None,
                  saliency_threshold: int = 0, skip_unlabelled: bool = True, palette=PALETTE,
-                 root_key: str = "coco_root", saliency_key: str = "coco_saliency_root"):
-        self.root, self.split, self.transform = Path(root), split, transform
+                 root_key: str = "coco_root", saliency_key: str = "coco_saliency_root", masks: bool = True):
+        self.root, self.split, self.transform, self.masks = Path(root), split, transform, masks
         self.saliency_threshold = saliency_threshold
         self.root_key, self.saliency_key, self.palette = root_key, saliency_key, palette
         if not self.root.is_dir():
             raise _missing(self.root, f"the COCO 2014 folder ({split}/, annotations/instances_{split}.json)", root_key)
         self.image_dir = self.root / split
         if not self.image_dir.is_dir(): raise _missing(self.image_dir, f"the images of split {split!r}", root_key)
-        self.coco = _coco_api(self.root / "annotations" / f"instances_{split}.json", root_key)
-        cats = sorted(self.coco.cats)
+        coco = _coco_api(self.root / "annotations" / f"instances_{split}.json", root_key)
+        cats = sorted(coco.cats)
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
-        self.class_names = ["background"] + [self.coco.cats[c]["name"] for c in cats]
-        ids = sorted(self.coco.imgs)
-        self.ids = [i for i in ids if self.coco.imgToAnns.get(i)] if skip_unlabelled else ids
+        self.class_names = ["background"] + [coco.cats[c]["name"] for c in cats]
+        ids = sorted(coco.imgs)
+        self.ids = [i for i in ids if coco.imgToAnns.get(i)] if skip_unlabelled else ids
+        self._compact_index(coco)
+        self.coco = coco if masks else None
         self.mask_dir = next((d for d in (self.root / "SegmentationClass" / split, self.root / "coco_seg_anno")
                               if d.is_dir()), None)
         self._set_saliency_root(saliency_root, saliency_key, "{stem}")
 
+    def _compact_index(self, coco):
+        """File names and multi-hot labels of `ids` as NumPy arrays, so that a DataLoader worker reading them touches
+        no Python object per image (the copy-on-write growth of forked workers)."""
+        self._files = np.array([coco.imgs[i]["file_name"] for i in self.ids])
+        self._labels = np.zeros((len(self.ids), self.num_classes), np.uint8)
+        self._rows = {iid: row for row, iid in enumerate(self.ids)}
+        for row, iid in enumerate(self.ids):
+            for a in coco.imgToAnns.get(iid, []): self._labels[row, self.cat_to_label[a["category_id"]] - 1] = 1
+
     def label(self, image_id: int) -> torch.Tensor:
-        lab = torch.zeros(self.num_classes)
-        for a in self.coco.imgToAnns.get(image_id, []): lab[self.cat_to_label[a["category_id"]] - 1] = 1
-        return lab
+        "The multi-hot label `[C]` of image `image_id` (zeros for an image without annotations)."
+        row = self._rows.get(image_id)
+        if row is None: return torch.zeros(self.num_classes)
+        return torch.from_numpy(self._labels[row].astype(np.float32))
+
+    def _mask(self, image_id: int, name: str, hw: tuple) -> np.ndarray:
+        "The class mask of an image: its cached PNG when there is one, else rasterised from the polygons."
+        mp = self.mask_dir / f"{name}.png" if self.mask_dir is not None else None
+        if mp is None or not mp.is_file(): return coco_class_mask(self.coco, image_id, self.cat_to_label)
+        m = read_png(mp)
+        if m.shape != hw: raise ValueError(f"{mp}: size {m.shape} differs from its image {hw}")
+        return m
 
     def __getitem__(self, i: int) -> dict:
-        iid = self.ids[i]
-        info = self.coco.imgs[iid]
-        name = Path(info["file_name"]).stem
-        p = self.image_dir / info["file_name"]
+        iid, file_name = self.ids[i], str(self._files[i])
+        name = Path(file_name).stem
+        p = self.image_dir / file_name
         if not p.is_file():
-            raise _missing(p, f"the image {info['file_name']!r} listed in instances_{self.split}.json", self.root_key)
+            raise _missing(p, f"the image {file_name!r} listed in instances_{self.split}.json", self.root_key)
         item = dict(image=read_image(p), name=name, label=self.label(iid))
         hw = tuple(item["image"].shape[1:])
-        mp = self.mask_dir / f"{name}.png" if self.mask_dir is not None else None
-        if mp is not None and mp.is_file():
-            m = read_png(mp)
-            if m.shape != hw: raise ValueError(f"{mp}: size {m.shape} differs from its image {hw}")
-        else: m = coco_class_mask(self.coco, iid, self.cat_to_label)
-        item["mask"] = torch.from_numpy(m.astype(np.int64))
+        if self.masks: item["mask"] = torch.from_numpy(self._mask(iid, name, hw).astype(np.int64))
         if self.saliency_root is not None:
             sp = self.saliency_root / f"{name}.png"
             if not sp.is_file(): raise _missing(sp, f"the saliency map of image {name!r} (0-255)", self.saliency_key)

@@ -2,6 +2,7 @@
 joint transforms keep alignment, every error names its path and key."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from PIL import Image
 
 from getam.classes import COCO_CLASSES, SYNTH_CLASSES, VOC_CLASSES, norm_stats
 from getam.data import (COCODataset, CenterCrop, Compose, LongSideResize, Normalize, RandomCrop, RandomHFlip,
-                        RandomLongSideResize, VOCDataset, coco_class_mask, collate, denormalize, eval_transform,
-                        load_dataset, main, train_transform, voc_cls_labels)
+                        RandomLongSideResize, VOCDataset, coco_class_mask, coco_masks, collate, denormalize,
+                        eval_transform, load_dataset, main, train_transform, voc_cls_labels)
 from getam.images import PALETTE, read_image, read_png, write_palette_png, write_png
 from getam.synth import make_synthvoc
 
@@ -407,3 +408,50 @@ def test_collate_batches_dicts_and_names_the_key_that_differs():
     with pytest.raises(ValueError, match="'image' has different shapes"): collate([a, _shape_item(40, 80)])
     dl = torch.utils.data.DataLoader([a, b, a], batch_size=2, collate_fn=collate)
     assert [x["image"].shape[0] for x in dl] == [2, 1]
+
+
+# ---------------------------------------------------------------- training's view: no masks
+def test_no_mask_path_gives_the_same_image_and_label_and_no_mask(voc, coco):
+    r, imgs, _ = voc
+    with_masks, bare = VOCDataset(r, "train"), VOCDataset(r, "train", masks=False)
+    assert "mask" in with_masks[0] and sorted(bare[1]) == ["image", "label", "name"]
+    for i in range(len(bare)):
+        assert torch.equal(bare[i]["image"], with_masks[i]["image"])
+        assert torch.equal(bare[i]["label"], with_masks[i]["label"])
+    rc, _ = coco
+    with_masks, bare = COCODataset(rc, "mini"), COCODataset(rc, "mini", masks=False)
+    assert bare.coco is None and sorted(bare[0]) == ["image", "label", "name"]
+    assert torch.equal(bare[0]["image"], with_masks[0]["image"])
+    assert bare[0]["label"].tolist() == with_masks[0]["label"].tolist() == [1.0, 1.0, 1.0]
+    assert with_masks.label(2).tolist() == [0.0, 0.0, 0.0]   # an image without annotations
+
+
+def test_the_no_mask_path_builds_no_mask(coco, monkeypatch):
+    "Training's items never rasterise a polygon: coco_class_mask is not called, not even through the transforms."
+    r, _ = coco
+    ds = load_dataset("coco", r, "mini", transform=train_transform(8), masks=False)
+    monkeypatch.setattr("getam.data.coco_class_mask", lambda *a: pytest.fail("a mask was built"))
+    batch = collate([ds[0], ds[0]])
+    assert "mask" not in batch and batch["image"].shape == (2, 3, 8, 8)
+
+
+def test_coco_masks_resumes_after_an_interruption(coco, monkeypatch):
+    "Killed while writing image 2's PNG: no truncated PNG under the final name; the rerun writes only what is missing."
+    r, exp = coco
+    real_save = Image.Image.save
+    def dying_save(self, fp, *args, **kwargs):   # half a PNG on disk, then the interruption
+        if "img_b" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n trunc")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt): coco_masks(r, "mini", progress=False)
+    out = r / "SegmentationClass" / "mini"
+    assert sorted(p.name for p in out.iterdir()) == ["img_a.png"]      # whole, and nothing else (no temp file)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    calls = []
+    real_mask = coco_class_mask
+    monkeypatch.setattr("getam.data.coco_class_mask", lambda coco, iid, c: calls.append(iid) or real_mask(coco, iid, c))
+    coco_masks(r, "mini", progress=False)
+    assert calls == [2]                                                # only the missing one
+    assert (read_png(out / "img_a.png") == exp).all() and (read_png(out / "img_b.png") == 0).all()

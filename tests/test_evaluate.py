@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from getam.crf import _edge_example, crf_batch, dense_crf
-from getam.train.evaluate import main
+from getam.data import load_dataset
+from getam.repro.scale import write_coco_standin
+from getam.train.evaluate import cached_masks, main
 from getam.train.infer import SCALES, evaluate_model, export_voc_test, predict, voc_results_dir
 from getam.metrics import ConfusionMatrix, iou_table, metrics, plot_iou, score_folder, score_pseudo_labels
 
@@ -330,3 +332,17 @@ def test_load_model_fn_rebuilds_a_getam_train_run(tmp_path):
     assert predict(fn, x, "common", flip=True).shape == (1, 4, 37, 45)
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_model_fn(tmp_path.parent, "cpu")
+
+
+def test_coco_masks_are_cached_once_and_an_interrupted_cache_is_completed(tmp_path, capsys):
+    root = write_coco_standin(tmp_path, "mini", n_images=4, n_instances=12, hw=(24, 32), pool=2, progress=False)
+    ds = load_dataset("coco", root, "mini")
+    cached = cached_masks("coco", ds, "mini", progress=False)
+    out = root / "SegmentationClass" / "mini"
+    assert cached.mask_dir == out and len(list(out.glob("*.png"))) == 4
+    assert all(torch.equal(cached[i]["mask"], ds[i]["mask"]) for i in range(4))
+    (out / "COCO_mini_000000000003.png").unlink()              # an interrupted cache: completed, not trusted
+    again = cached_masks("coco", load_dataset("coco", root, "mini"), "mini", progress=False)
+    assert len(list(out.glob("*.png"))) == 4 and torch.equal(again[2]["mask"], ds[2]["mask"])
+    assert cached_masks("synth", ds, "val") is ds and cached_masks("coco", ds, "mini", cache=False) is ds
+    assert "caching the class masks of mini once" in capsys.readouterr().err

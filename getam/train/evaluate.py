@@ -6,7 +6,7 @@
 
 # %% ../../nbs/59_evaluate.ipynb #e5dd904a
 from __future__ import annotations
-import argparse, dataclasses, json
+import argparse, dataclasses, json, sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +14,7 @@ import torch
 
 from ..classes import IMAGENET_MEAN, IMAGENET_STD, norm_stats
 from ..config import resolve_device, setting
-from ..data import load_dataset
+from ..data import coco_masks, load_dataset
 from ..deeplab import checkpoint_config, load_deeplab
 from .infer import evaluate_model, export_voc_test, segmenter_fn
 from .loop import load_checkpoint
@@ -30,7 +30,7 @@ from ..metrics import ConfusionMatrix, iou_table, plot_iou, score_pseudo_labels,
 
 
 # %% auto #0
-__all__ = ['load_model_fn', 'main']
+__all__ = ['load_model_fn', 'cached_masks', 'main']
 
 # %% ../../nbs/59_evaluate.ipynb #7a8308b9
 def _getam_train_model_fn(ckdir: Path, device, num_classes: int | None):
@@ -61,6 +61,19 @@ def load_model_fn(checkpoint: str | Path, device="cpu", num_classes: int | None 
     raise ValueError(f"{checkpoint}: not a checkpoint; expected a DeepLab v2 model.safetensors + model.json "
                      "(getam.deeplab) or a getam.train.singlestage run folder with model.safetensors + state.pt")
 
+# %% ../../nbs/59_evaluate.ipynb #5c1a7e21
+def cached_masks(dataset: str, ds, split: str, cache: bool = True, progress: bool = True):
+    """`ds` with COCO's class masks read from the one-time cache `SegmentationClass/{split}/` (`getam.data.coco_masks`
+    writes what is missing first); other data sets, and `cache=False`, as they are."""
+    if dataset != "coco" or not cache: return ds
+    if ds.mask_dir is not None and sum(1 for _ in ds.mask_dir.glob("*.png")) >= len(ds): return ds
+    print(f"caching the class masks of {split} once: {ds.root / 'SegmentationClass' / split}", file=sys.stderr)
+    try: coco_masks(ds.root, split, progress=progress)
+    except PermissionError as e:
+        print(f"warning: cannot write the mask cache ({e}); rasterising the masks on the fly", file=sys.stderr)
+        return ds
+    return load_dataset(dataset, ds.root, split)
+
 # %% ../../nbs/59_evaluate.ipynb #062d32be
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -87,12 +100,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="write OUT/results/VOC2012/Segmentation/{comp}_test_cls/*.png")
     p.add_argument("--comp", default="comp6", choices=["comp5", "comp6"])
     p.add_argument("--out", default=None, help="metrics JSON (written atomically)")
+    p.add_argument("--no-mask-cache", dest="mask_cache", action="store_false",
+                   help="COCO: rasterise the masks of every image instead of caching them once")
     return p
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     dataset = args.dataset or setting("dataset")
-    ds = load_dataset(dataset, args.data_root, args.split)
+    ds = cached_masks(dataset, load_dataset(dataset, args.data_root, args.split), args.split, args.mask_cache)
     if args.pred_dir:
         res = metrics({"labels": score_folder(args.pred_dir, ds, pred_ignore=args.pred_ignore, limit=args.limit)})
     else:

@@ -107,7 +107,7 @@ def train_deeplab(pseudo_dir: str | Path, dataset: str = "synth", data_root: str
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = load_dataset(dataset, data_root, train_split)
+    base = load_dataset(dataset, data_root, train_split, masks=False)   # the pseudo labels replace the masks
     if limit_train: base = Subset(base, range(min(limit_train, len(base))))
     names = base.dataset.class_names if isinstance(base, Subset) else base.class_names
     ds = PseudoLabelDataset(base, pseudo_dir, crop_size, scale_range)
