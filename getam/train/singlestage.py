@@ -213,13 +213,15 @@ def build_optimizer(model: GetamSegmenter, cfg: TrainConfig) -> torch.optim.Opti
 
 # %% ../../nbs/55_singlestage.ipynb #d4d44269
 def build_datasets(cfg: TrainConfig, paths: dict, mean, std) -> tuple[Dataset, Dataset, Dataset]:
-    "(train with augmentation, train at full size for pseudo labels, val) datasets."
+    """(train with augmentation, train at full size for pseudo labels, val) datasets; the training set reads masks
+    only for `supervision="gt"` (pseudo labels need none: at COCO size, rasterising them costs more than the JPEG)."""
     sal = (paths["saliency_root"] if (cfg.supervision == "pseudo" and cfg.saliency == "maps") or cfg.saliency_weight
            else None)
     tt = (train_transform(cfg.crop_size, tuple(cfg.resize_range) if cfg.resize_range else None, mean=mean, std=std)
           if cfg.augment else eval_transform(crop_size=cfg.crop_size, mean=mean, std=std))
-    ld = lambda split, sal, t: load_dataset(cfg.dataset, paths["root"], split, saliency_root=sal, transform=t)
-    train = ld(paths["train_split"], sal, tt)
+    ld = lambda split, sal, t, masks=True: load_dataset(cfg.dataset, paths["root"], split, saliency_root=sal,
+                                                        transform=t, masks=masks)
+    train = ld(paths["train_split"], sal, tt, masks=cfg.supervision == "gt")
     full = (ld(paths["train_split"], paths["saliency_root"] if cfg.saliency == "maps" else None,
                eval_transform(mean=mean, std=std))
             if cfg.write_pseudo and cfg.supervision == "pseudo" else None)
