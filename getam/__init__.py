@@ -14,7 +14,7 @@ from getam.explain import explain
 ```
 
 ```python
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "attention_rollout", "chefer_attribution", "legrad", "complete_labels",
@@ -48,7 +48,7 @@ from .data import load_dataset
 from .explain import explain
 
 # %% ../nbs/index.ipynb #086647d6
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 # the public API, for `from getam import *` too
 _all_ = ["att_gradients", "cam_add", "cam_ignore", "getam", "getam_layers", "grad_cam", "normalize_maps",
          "resize_maps", "ts_cam", "attention_rollout", "chefer_attribution", "legrad", "complete_labels",
