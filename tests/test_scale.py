@@ -151,3 +151,25 @@ def test_bench_scale_small_end_to_end(tmp_path, capsys):
     assert res["eval"]["evals"]["voc"]["other_files"] == [] and res["eval"]["evals"]["coco"]["classes"] == 81
     kinds = {r["kind"] for r in res["rows"]}
     assert kinds == {"measured", "projected"} and "| what | value |" in capsys.readouterr().out
+
+
+_FD_LIMITED = """
+import resource, sys, torch
+from torch.utils.data import Dataset
+from getam.repro import scale
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+class Tiny(Dataset):
+    def __len__(self): return 300
+    def __getitem__(self, i): return {"image": torch.full((2,), float(i))}
+run = scale.loader_run(Tiny(), workers=1, batch_size=1, probes=300)
+print(run["images"], len(run["workers_memory"][0]["uss_mib"]))
+"""
+
+
+def test_loader_run_holds_no_worker_tensor_past_its_batch():
+    "300 batches under a limit of 64 file descriptors: a kept worker tensor would hold one descriptor per batch."
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _FD_LIMITED], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["300", "300"]

@@ -247,7 +247,8 @@ def loader_run(dataset, workers: int = 1, batch_size: int = 4, limit: int | None
     t0 = time.perf_counter()
     for batch in (progress_bar(loader, leave=False) if progress else loader):
         seen += len(batch["image"])
-        readings.append(batch["probe"])
+        rows = batch["probe"]
+        readings.append(rows[rows[:, 0] >= 0].clone())   # a copy: a worker's tensor holds a file descriptor open
     seconds = time.perf_counter() - t0
     return dict(images=seen, seconds=seconds, images_per_s=seen / seconds,
                 per_worker=seen / seconds / max(workers, 1), workers=workers,
