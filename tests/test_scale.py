@@ -40,6 +40,19 @@ def test_coco_standin_has_the_requested_counts_and_valid_json(tmp_path):
     assert len(COCODataset(root, "mini")) == 7
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cached_view_links_resolve_when_the_root_is_relative(tmp_path, monkeypatch):
+    "The view's links must point at the data from any working directory: `--out runs/scale` is relative."
+    monkeypatch.chdir(tmp_path)
+    root = scale.write_coco_standin(tmp_path / "data", "train2014", n_images=3, n_instances=6, hw=(16, 16), pool=2,
+                                    progress=False).relative_to(tmp_path)
+    view = scale._cached_view(root, COCODataset(root, "train2014"), 2)
+    names = lambda d: sorted(p.name for p in d.iterdir())
+    assert names(view / "train2014") == names(root / "train2014")
+    assert len(list((view / "SegmentationClass" / "train2014").iterdir())) == 2
+    assert len(COCODataset(view, "train2014")) == 3
+
+
 def test_coco_standin_refuses_fewer_instances_than_images(tmp_path):
     with pytest.raises(ValueError, match="n_instances=3: expected at least one per image"):
         scale.write_coco_standin(tmp_path, "mini", n_images=5, n_instances=3, hw=(8, 8), pool=1, progress=False)

@@ -480,7 +480,7 @@ def _cached_view(coco: Path, ds: COCODataset, n: int) -> Path:
     view = coco / ".scale_cached_view"
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir()
-    for d in ("train2014", "annotations"): (view / d).symlink_to(coco / d)
+    for d in ("train2014", "annotations"): (view / d).symlink_to((coco / d).resolve())
     for iid in ds.ids[:n]:
         name = Path(ds.coco.imgs[iid]["file_name"]).stem
         write_palette_png(view / "SegmentationClass" / "train2014" / f"{name}.png",
