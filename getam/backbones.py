@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from safetensors.torch import load_file
 from .config import setting
-from .hf import check_hf_readout, hf_parts, record_hf_attention
+from .hf import check_hf_readout, hf_parts, pooled_readout_measured, record_hf_attention
 
 
 # %% auto #0
@@ -222,8 +222,8 @@ def check_class_token_readout(model: nn.Module, method: str = "GETAM") -> None:
         f"{'a' if has_cls else 'no'} [class] token, so row 0 of its attention is {row0} and the maps would be "
         f"meaningless. Use a model built with class_token=True, global_pool='token' "
         f"(e.g. timm's *_cls_*, *_clip_*, dinov2, deit3 models), "
-        f"or a token-feature method (grad_cam, cam_ignore) for this one; a read-out row that follows the pooling "
-        f"was measured less faithful than [class]-token GETAM (figures/pooled_readout.md), so it is not offered")
+        f"or a token-feature method (grad_cam, cam_ignore) for this one; "
+        f"{pooled_readout_measured({'avg': 'mean', 'map': 'map'}.get(pool))}")
 
 # %% ../nbs/12_backbones.ipynb #252b49cb
 class AttentionRecorder:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['READOUTS', 'TOKEN_HEADS', 'POOLERS', 'HFParts', 'hf_parts', 'hf_readout', 'check_hf_readout', 'LinearProbe',
-           'hf_token_head', 'HFAttentionRecorder', 'record_hf_attention']
+__all__ = ['READOUTS', 'POOLED_READOUTS_MEASURED', 'TOKEN_HEADS', 'POOLERS', 'HFParts', 'hf_parts', 'hf_readout',
+           'pooled_readout_measured', 'check_hf_readout', 'LinearProbe', 'hf_token_head', 'HFAttentionRecorder',
+           'record_hf_attention']
 
 # %% ../nbs/13_hf.ipynb #cbfcdc9d
 class HFParts(NamedTuple):
@@ -68,6 +69,26 @@ def hf_readout(model: nn.Module) -> str:
     if name == "SiglipVisionModel" and not getattr(config, "vision_use_head", True): return "token"
     return readout
 
+# %% ../nbs/13_hf.ipynb #fe1af22a
+POOLED_READOUTS_MEASURED = {   # figures/pooled_readout.json: the verdict, and the scores where the pooled model's
+    # GETAM (read out at the rows its pooling reads) was worse than the [class]-token model's: (pooled, token)
+    "mean": ("less faithful", {"deletion AUC ↓": (0.069, 0.057), "insertion AUC ↑": (0.958, 0.970),
+                               "pointing game ↑": (0.981, 0.991), "energy PG ↑": (0.961, 0.976)}),
+    "token+mean": ("inconclusive (the fine-tuned head read the [class] token almost only)", {}),
+    "map": ("less faithful", {"insertion AUC ↑": (0.907, 0.970), "energy PG ↑": (0.959, 0.976)}),
+}
+
+def pooled_readout_measured(readout: str | None) -> str:
+    """What `python -m getam.repro.pooled` found for GETAM read out at the rows that `readout`'s pooling reads
+    (`'mean'`, `'token+mean'`, `'map'`; `None` or another: not measured), as a sentence for a refusal."""
+    if readout not in POOLED_READOUTS_MEASURED:
+        return "a read-out row that follows this pooling has not been measured, so it is not offered"
+    verdict, scores = POOLED_READOUTS_MEASURED[readout]
+    detail = "; ".join(f"{s.rstrip(' ↓↑')} {p:.3f} vs {t:.3f}" for s, (p, t) in scores.items())
+    against = f" than [class]-token GETAM ({detail})" if detail else ""
+    return (f"GETAM read out at the rows this pooling reads was measured {verdict}{against} on SynthVOC v2 "
+            f"(figures/pooled_readout.md), so it is not offered")
+
 # %% ../nbs/13_hf.ipynb #dd442155
 def check_hf_readout(model: nn.Module, method: str = "GETAM") -> None:
     "Raise a `ValueError` unless the classifier of the transformers model in `model` reads its [class] token."
@@ -78,10 +99,10 @@ def check_hf_readout(model: nn.Module, method: str = "GETAM") -> None:
             "attention-pool": "an attention-pooling query over the patch tokens",
             "unknown": f"a token getam cannot tell (known classes: {', '.join(READOUTS)})"}[readout]
     hint = " (build it with use_mean_pooling=False for a [class] head)" if name.startswith("Beit") else ""
+    measured = pooled_readout_measured({"attention-pool": "map"}.get(readout, readout))
     raise ValueError(f"{method} needs a classifier that reads the [class] token; {name}'s head reads {what}{hint}, so "
-                     f"row 0 of its attention is not what the classifier sees and the maps would mislead. Pooled "
-                     f"read-outs are not offered: measured, the read-out row that follows the pooling was less "
-                     f"faithful than [class]-token GETAM (figures/pooled_readout.md); use grad_cam for this model")
+                     f"row 0 of its attention is not what the classifier sees and the maps would mislead. "
+                     f"{measured[0].upper()}{measured[1:]}; use grad_cam for this model")
 
 # %% ../nbs/13_hf.ipynb #c71abd48
 class LinearProbe(nn.Module):

@@ -70,6 +70,7 @@ def test_random_kills_then_resume_end_with_the_uninterrupted_weights(synth_root,
     assert r.returncode == 0, r.stderr[-3000:]
     moments = _moments(tmp_path / "trace.txt")
     assert len(moments) == 5 and sum(m.startswith("ckpt:") for m in moments) >= 2, moments
+    print("kill moments:", " ".join(moments))                  # shown with pytest -s
     steps = []
     for k, m in enumerate(moments):
         resume = ["--resume"] if k else []

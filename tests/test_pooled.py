@@ -6,7 +6,7 @@ import torch
 
 from getam.backbones import record_attention
 from getam.cams import getam
-from getam.repro.pooled import SCORES, decide, pooled_chefer, pooled_getam
+from getam.repro.pooled import SCORES, ReadOut, decide, pooled_chefer, pooled_getam
 
 
 def pooled_vit():
@@ -54,6 +54,47 @@ def test_mean_rows_equal_the_slow_reference_on_an_average_pooled_vit():
     with pytest.raises(ValueError, match="never reads"): getam(model, x, y)
 
 
+def map_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, global_pool="map").eval()
+    for p in model.parameters(): p.data.normal_(0, 0.2)
+    model.attn_pool.latent.data *= 10          # a query that prefers some tokens: its weights far from the mean's
+    return model
+
+
+def pool_weights_by_hand(pool, tokens):
+    "The pool query's softmax(q k^T / sqrt(d)) over `tokens` [1, n, D], in float64, mean over heads → [n]."
+    D, H = tokens.shape[-1], pool.num_heads
+    q = (pool.latent[0] @ pool.q.weight.T + pool.q.bias).double().view(-1, H, D // H)       # [latent, H, d]
+    k = (tokens[0] @ pool.kv.weight[:D].T + pool.kv.bias[:D]).double().view(-1, H, D // H)  # [n, H, d]
+    logits = torch.einsum("lhd,nhd->hln", q, k) / (D // H) ** 0.5
+    return logits.softmax(-1).mean((0, 1))
+
+
+def test_pool_attention_rows_equal_the_slow_reference_on_an_attention_pooled_vit():
+    model = map_vit()
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1., 0, 1], [0, 1, 0]])
+    ref = torch.zeros(2, 3, 16, dtype=torch.float64)
+    for b in range(2):
+        for c in torch.nonzero(y[b] > 0).flatten().tolist():
+            seen = []
+            hook = model.attn_pool.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+            with record_attention(model, [0, 1]) as rec, torch.enable_grad():
+                logit = model(x[b:b + 1])[0, c]
+            hook.remove()
+            w = torch.cat([torch.zeros(1, dtype=torch.float64), pool_weights_by_hand(model.attn_pool, seen[0])])
+            for a, g in zip(rec.attn, torch.autograd.grad(logit, rec.attn)):
+                a, g = a[0].double(), g[0].double()
+                ref[b, c] += (w @ (g * a).clamp(min=0).mean(0))[1:] * (w @ g.clamp(min=0).mean(0))[1:]
+    ref = ref.view(2, 3, 4, 4)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(pooled_getam(model, x, y, "map").double(), ref, rtol=1e-4, atol=1e-7 * ref.max().item())
+    assert not torch.allclose(pooled_getam(model, x, y, "map"), pooled_getam(model, x, y, "mean"))
+    with pytest.raises(ValueError, match="needs a timm ViT with an attention pool"): ReadOut(pooled_vit(), "map")
+
+
 def rows(token: list, pooled: list, sd: float = 0.01, class_row: list | None = None) -> list[dict]:
     def row(head, method, values):
         return dict(head=head, method=method, **{s: v for s, v in zip(SCORES, values)},
@@ -89,6 +130,7 @@ def test_measure_readouts_writes_the_table_and_reads_its_cache(tmp_path, monkeyp
     assert text.count("\n| ") == 1 + len(rows)
     assert "Decision: GETAM with the mean rows is " in text
     assert "Decision: GETAM with the [class] + mean rows is " in text
+    assert "Decision: GETAM with the pool-attention rows is " in text
     def no_measuring(*a, **k): raise AssertionError("measured again although the scores are cached")
     monkeypatch.setattr(pooled, "measure_explainer", no_measuring)
     assert pooled.measure_readouts(**kw) == rows
@@ -113,3 +155,23 @@ def test_the_token_mean_head_reads_class_and_mean_of_the_shipped_vit():
         torch.testing.assert_close(both(x), expected)
         torch.testing.assert_close(both(x), token.eval()(x))    # it starts as the [class] classifier
     with pytest.raises(ValueError, match="expected one of token, mean"): readout_model("attention-pool", 6)
+
+
+def test_the_refusals_cite_the_committed_measurement():
+    "The numbers a refusal quotes (`getam.hf.POOLED_READOUTS_MEASURED`) are those of figures/pooled_readout.json."
+    import json
+    from pathlib import Path
+    from getam.hf import POOLED_READOUTS_MEASURED
+    from getam.repro.pooled import ROWS
+    record = json.loads((Path(__file__).parents[1] / "figures" / "pooled_readout.json").read_text())
+    row = {(r["head"], r["method"]): r for r in record["rows"]}
+    assert set(POOLED_READOUTS_MEASURED) == set(ROWS) == set(record["decisions"])
+    for head, (verdict, scores) in POOLED_READOUTS_MEASURED.items():
+        decision = record["decisions"][head]
+        assert not decision["offer"]
+        assert verdict.startswith("inconclusive") == decision["why"].startswith("inconclusive")
+        worse = {s for s in SCORES if f"{s.rstrip(' ↓↑')} " in decision["why"].split(": ", 1)[-1]}
+        assert set(scores) == (set() if verdict.startswith("inconclusive") else worse)
+        for score, (pooled, token) in scores.items():
+            assert pooled == round(row[(head, f"GETAM ({ROWS[head]})")][score], 3)
+            assert token == round(row[("token", "GETAM")][score], 3)

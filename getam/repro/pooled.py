@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import attribution, cams
-from ..backbones import create_backbone, record_attention
+from ..backbones import create_backbone, record_attention, vit_of
 from ..classes import norm_stats
 from ..data import normalize_image
 from ..train.classify import TensorItems, multilabel_f1, train_classifier
@@ -28,17 +28,19 @@ from .explainers_bench import measure_explainer
 from ..utils import atomic_path, parser_from_signature, run_cli, save_weights, seed_everything
 
 # %% auto #0
-__all__ = ['READOUTS', 'ROWS', 'EXPLAINERS', 'SCORES', 'readout_weights', 'pooled_coupling', 'pooled_getam', 'pooled_chefer',
-           'TokenMeanClassifier', 'readout_model', 'cache_stem', 'fine_tuned', 'pooled_explainers', 'decide',
-           'measured', 'measure_readouts', 'main']
+__all__ = ['READOUTS', 'ROWS', 'EXPLAINERS', 'SCORES', 'readout_weights', 'pooled_coupling', 'pool_query_attention', 'ReadOut',
+           'pooled_getam', 'pooled_chefer', 'TokenMeanClassifier', 'readout_model', 'cache_stem', 'fine_tuned',
+           'pooled_explainers', 'decide', 'measured', 'measure_readouts', 'main']
 
 # %% ../../nbs/97_pooled.ipynb #8c3bf840
-READOUTS = ("token", "mean", "token+mean")
+READOUTS = ("token", "mean", "token+mean", "map")
 
 def readout_weights(num_tokens: int, num_prefix_tokens: int, readout: str = "mean") -> torch.Tensor:
     """Weights [N] over the query rows that a head reads: `'token'` row 0, `'mean'` the patch rows equally,
     `'token+mean'` half of each (float32, sums to 1)."""
-    if readout not in READOUTS: raise ValueError(f"readout={readout!r}; expected one of {', '.join(READOUTS)}")
+    if readout not in READOUTS[:3]:
+        raise ValueError(f"readout={readout!r}; expected one of {', '.join(READOUTS[:3])} (an attention pool's "
+                         f"weights depend on the image: `ReadOut(model, 'map')` records them)")
     weights = torch.zeros(num_tokens)
     if readout != "mean": weights[0] += 1
     if readout != "token": weights[num_prefix_tokens:] += 1 / (num_tokens - num_prefix_tokens)
@@ -47,26 +49,65 @@ def readout_weights(num_tokens: int, num_prefix_tokens: int, readout: str = "mea
 # %% ../../nbs/97_pooled.ipynb #29968014
 def pooled_coupling(attn: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor, num_prefix_tokens: int = 1,
                     squared: bool = True) -> torch.Tensor:
-    """The generalised Eq. 2 of one block: `attn, grad` [r, heads, N, N], read-out `weights` [N] → [r, N − p]
-    (float32); `squared=False` gives the generalised Att-Gradients."""
-    weights = weights.to(attn.device)
-    first = torch.einsum("q,rqk->rk", weights, F.relu(grad.float() * attn.float()).mean(1))
+    """The generalised Eq. 2 of one block: `attn, grad` [r, heads, N, N], read-out `weights` [N] (one for every image)
+    or [r, N] (one per image) → [r, N − p] (float32); `squared=False` gives the generalised Att-Gradients."""
+    weights = weights.to(attn.device).float().expand(len(attn), -1)
+    first = torch.einsum("rq,rqk->rk", weights, F.relu(grad.float() * attn.float()).mean(1))
     if not squared: return first[:, num_prefix_tokens:]
-    second = torch.einsum("q,rqk->rk", weights, F.relu(grad.float()).mean(1))
+    second = torch.einsum("rq,rqk->rk", weights, F.relu(grad.float()).mean(1))
     return (first * second)[:, num_prefix_tokens:]
+
+# %% ../../nbs/97_pooled.ipynb #72bd48ae
+def pool_query_attention(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The attention of timm's `AttentionPoolLatent` `pool` over its input `tokens` [B, N, D], mean over its heads and
+    latent queries → [B, N] (float32, each row sums to 1), computed with its own layers as its forward does."""
+    B, N, _ = tokens.shape
+    if pool.pos_embed is not None: tokens = tokens + pool.pos_embed.unsqueeze(0).to(tokens.dtype)
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim)
+    k = pool.kv(tokens).reshape(B, N, 2, pool.num_heads, pool.head_dim)[:, :, 0]
+    q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))
+    return ((q * pool.scale) @ k.transpose(-2, -1)).softmax(-1).float().mean((1, 2))
+
+# %% ../../nbs/97_pooled.ipynb #1f5e16c4
+class ReadOut:
+    """The read-out weights of `readout` on `model` (one of `READOUTS`): inside `with`, `rows(images, N, p)` → [r, N]
+    for the images `images` of the last forward; for `'map'` they are recorded from the attention pool's input."""
+    def __init__(self, model: nn.Module, readout: str):
+        if readout not in READOUTS: raise ValueError(f"readout={readout!r}; expected one of {', '.join(READOUTS)}")
+        self.readout, self.vit, self.recorded, self._hook = readout, vit_of(model), None, None
+        if readout == "map" and getattr(self.vit, "attn_pool", None) is None:
+            raise ValueError(f"readout='map' needs a timm ViT with an attention pool (global_pool='map'); "
+                             f"{type(self.vit).__name__} has global_pool={self.vit.global_pool!r}")
+
+    def __enter__(self):
+        if self.readout == "map": self._hook = self.vit.attn_pool.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc):
+        if self._hook is not None: self._hook.remove()
+
+    def _record(self, pool: nn.Module, args: tuple) -> None:
+        with torch.no_grad(): weights = pool_query_attention(pool, args[0])
+        skipped = self.vit.num_prefix_tokens if not getattr(self.vit, "pool_include_prefix", True) else 0
+        self.recorded = F.pad(weights, (skipped, 0))                 # zeros on the prefix tokens the pool skips
+
+    def rows(self, images: torch.Tensor, num_tokens: int, num_prefix_tokens: int) -> torch.Tensor:
+        "[r, N] weights over the query rows for the images indexed by `images`."
+        if self.readout == "map": return self.recorded[images]
+        return readout_weights(num_tokens, num_prefix_tokens, self.readout).expand(len(images), -1)
 
 # %% ../../nbs/97_pooled.ipynb #3fd2b105
 def pooled_getam(model: nn.Module, images: torch.Tensor, labels=None, readout: str = "mean", layers=None,
                  squared: bool = True, top_k: int = 1) -> torch.Tensor:
     """GETAM with the read-out row of `readout` (Eq. 2 generalised, summed over `layers` as Eq. 3) → [B, C, h, w];
     `readout='token'` is `getam.cams.getam` without its read-out check. One forward, one VJP per rank."""
-    with record_attention(model, layers) as rec, torch.enable_grad():
+    with record_attention(model, layers) as rec, ReadOut(model, readout) as read, torch.enable_grad():
         logits = cams.logits_of(model(images))
         labels = cams.target_labels(labels, logits, top_k)
         attn, p = rec.attn, rec.num_prefix_tokens
-        weights = readout_weights(attn[0].shape[-1], p, readout)
         maps = torch.zeros(*labels.shape, rec.grid[0] * rec.grid[1], device=attn[0].device)
         for rows, cls, grads in cams.rank_vjps(logits, attn, labels):
+            weights = read.rows(rows, attn[0].shape[-1], p)
             with torch.no_grad():
                 per_block = [pooled_coupling(a[rows], g[rows], weights, p, squared) for a, g in zip(attn, grads)]
                 maps[rows, cls] = sum(per_block)
@@ -76,15 +117,16 @@ def pooled_getam(model: nn.Module, images: torch.Tensor, labels=None, readout: s
 def pooled_chefer(model: nn.Module, images: torch.Tensor, labels=None, readout: str = "mean",
                   top_k: int = 1) -> torch.Tensor:
     "Chefer et al.'s relevance over every block, read out with the rows of `readout` → [B, C, h, w]."
-    with record_attention(model, attribution.every_block(model)) as rec, torch.enable_grad():
+    with record_attention(model, attribution.every_block(model)) as rec, ReadOut(model, readout) as read, \
+            torch.enable_grad():
         logits = cams.logits_of(model(images))
         labels = cams.target_labels(labels, logits, top_k)
         attn, p = rec.attn, rec.num_prefix_tokens
-        weights = readout_weights(attn[0].shape[-1], p, readout).to(attn[0].device)
         maps = torch.zeros(*labels.shape, rec.grid[0] * rec.grid[1], device=attn[0].device)
         for rows, cls, grads in cams.rank_vjps(logits, attn, labels):
+            weights = read.rows(rows, attn[0].shape[-1], p).to(attn[0].device)
             relevance = attribution.chefer_relevance([a[rows] for a in attn], [g[rows] for g in grads])
-            maps[rows, cls] = torch.einsum("q,rqk->rk", weights, relevance)[:, p:]
+            maps[rows, cls] = torch.einsum("rq,rqk->rk", weights, relevance)[:, p:]
     return maps.view(*labels.shape, *rec.grid)
 
 # %% ../../nbs/97_pooled.ipynb #4ad9e559
@@ -100,13 +142,22 @@ class TokenMeanClassifier(nn.Module):
         p = self.backbone.num_prefix_tokens
         return self.head(torch.cat([tokens[:, 0], tokens[:, p:].mean(1)], -1))
 
+def _with_attention_pool(vit: nn.Module, num_classes: int, size: int) -> nn.Module:
+    "`vit` (a [class]-token ViT) rebuilt with timm's attention pool (`global_pool='map'`): its weights, a new pool."
+    model = create_backbone(PRESETS["synth"]["backbone"], img_size=size, num_classes=num_classes, global_pool="map",
+                            **SYNTH_ARCH)
+    missing, unexpected = model.load_state_dict(vit.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("attn_pool.") for k in missing), (missing, unexpected)
+    return model
+
 def readout_model(head: str, num_classes: int, size: int = 128) -> nn.Module:
-    """The synth preset's ViT from the shipped weights with a `'token'` ([class]), `'mean'` (average-pooled) or
-    `'token+mean'` (DINOv2's) head."""
+    """The synth preset's ViT from the shipped weights with a `'token'` ([class]), `'mean'` (average-pooled),
+    `'token+mean'` (DINOv2's) or `'map'` (attention-pooled, its pool new) head."""
     if head not in READOUTS: raise ValueError(f"head={head!r}; expected one of {', '.join(READOUTS)}")
     pool = dict(global_pool="avg", fc_norm=False) if head == "mean" else {}
     vit = create_backbone(PRESETS["synth"]["backbone"], pretrained=True, img_size=size, download=False,
                           num_classes=num_classes, **SYNTH_ARCH, **pool)
+    if head == "map": return _with_attention_pool(vit, num_classes, size)
     if head != "token+mean": return vit
     model = TokenMeanClassifier(vit, num_classes)
     with torch.no_grad():       # start as the [class] classifier: the shipped head on [class], zeros on the mean
@@ -129,6 +180,7 @@ def fine_tuned(head: str, seed: int = 0, size: int = 128, root=None, runs_dir=No
     stem = cache_stem(head, seed, size, runs_dir, epochs, lr)
     path = stem.parent / f"{stem.name}.safetensors"
     train = stack_items(load_split("synth", "train", size, root, saliency=False))
+    seed_everything(seed)                     # before the model: a new head part (the attention pool) starts random
     model = readout_model(head, train["label"].shape[1], size)
     if path.is_file():
         record = json.loads(path.with_suffix(".json").read_text())
@@ -137,7 +189,6 @@ def fine_tuned(head: str, seed: int = 0, size: int = 128, root=None, runs_dir=No
                              f"{epochs} at {lr}; delete it to fine-tune again")
         model.load_state_dict(load_file(path))
         return model.eval(), record
-    seed_everything(seed)
     x = normalize_image(train["image"], *norm_stats(model))
     losses = train_classifier(model, TensorItems(x, train["label"]), epochs, lr=lr, seed=seed,
                               progress=progress)["epoch_loss"]
@@ -149,7 +200,7 @@ def fine_tuned(head: str, seed: int = 0, size: int = 128, root=None, runs_dir=No
     return model.eval(), record
 
 # %% ../../nbs/97_pooled.ipynb #f36ee191
-ROWS = {"mean": "mean rows", "token+mean": "[class] + mean rows"}
+ROWS = {"mean": "mean rows", "token+mean": "[class] + mean rows", "map": "pool-attention rows"}
 
 def pooled_explainers(readout: str) -> dict[str, Callable]:
     "The explainers scored on a pooled head: each generalised to the read-out rows of `readout`, and two references."
@@ -165,6 +216,7 @@ EXPLAINERS: dict[str, dict[str, Callable]] = {
               "Chefer et al. 2021": attribution.chefer_attribution, "Grad-CAM": cams.grad_cam},
     "mean": pooled_explainers("mean"),
     "token+mean": pooled_explainers("token+mean"),
+    "map": pooled_explainers("map"),
 }
 SCORES = ("deletion AUC ↓", "insertion AUC ↑", "pointing game ↑", "energy PG ↑", "pseudo-label mIoU ↑")
 
